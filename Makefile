@@ -1,0 +1,40 @@
+# The README's front door: `make run` and `make test` work from a fresh clone.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: install run test lint format bench postgres-bin clean
+
+install: $(STAMP)
+
+# editable_mode=compat puts the checkout itself on sys.path, which is how
+# twistd finds the twisted/plugins/dache_plugin.py dropin.
+$(STAMP): setup.py
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test,bench]' --config-settings editable_mode=compat
+	touch $(STAMP)
+
+run: install
+	$(BIN)/twistd -n --pidfile= dache
+
+# PostgreSQL server binaries are needed by the test suite's throwaway cluster.
+postgres-bin:
+	@sh scripts/ensure-postgres.sh
+
+test: install postgres-bin
+	$(BIN)/ruff check dache tests bench twisted
+	$(BIN)/ruff format --check dache tests bench twisted
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint:
+	$(BIN)/ruff check --fix dache tests bench twisted
+	$(BIN)/ruff format dache tests bench twisted
+
+bench: install
+	$(BIN)/python -m bench.run $(if $(QUICK),--quick,)
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info dache-data

@@ -1,0 +1,234 @@
+"""
+The HTTP API: a Klein app with dache's routes, request parsing and validation,
+and the mapping of errors to statuses. Every error body is JSON
+{"error": "<what went wrong, for a person>"}; no traceback reaches a client.
+
+The API knows the cache (for reads) and the committer (for writes); it knows
+nothing of engines, SQL or files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+from urllib.parse import unquote_to_bytes
+
+from klein import Klein
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from werkzeug.exceptions import MethodNotAllowed, NotFound
+
+from dache.cache import Cache, render_json
+from dache.committer import Committer
+from dache.engines import Change, EngineUnavailable
+
+KEY_PREFIX = b"/dache/"
+WRITE_FIELDS = ("value", "expiry", "ttl")
+# Latest expiry accepted: the end of year 9999 UTC, which every engine can store.
+MAX_EXPIRY = 253402300799.0
+JSON = b"application/json"
+
+
+class APIError(Exception):
+    """A request dache refuses; becomes `status {"error": message}`."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def error_body(message: str) -> bytes:
+    return render_json({"error": message})
+
+
+def _reject_constant(name: str) -> None:
+    raise APIError(400, f"body is not valid JSON: {name} is not a JSON number")
+
+
+def parse_key(path: bytes, max_key_bytes: int) -> str:
+    """The key from a raw request path /dache/<percent-encoded key>."""
+    raw = unquote_to_bytes(path[len(KEY_PREFIX) :])
+    if not raw:
+        raise APIError(400, "key must not be empty")
+    if len(raw) > max_key_bytes:
+        raise APIError(400, f"key is {len(raw)} bytes; the limit is {max_key_bytes}")
+    try:
+        key = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise APIError(400, "key is not valid UTF-8")
+    if "\x00" in key:
+        raise APIError(400, "key must not contain a NUL character")
+    return key
+
+
+def _number(field: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise APIError(400, f'"{field}" must be a number')
+    if not math.isfinite(value):
+        raise APIError(400, f'"{field}" must be a finite number')
+    return value
+
+
+def parse_write(body: bytes, key: str, now: float) -> Change:
+    """The change a POST/PUT body asks for: a set, or a delete if already expired."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise APIError(400, "body is not valid UTF-8")
+    try:
+        document = json.loads(text, parse_constant=_reject_constant)
+    except json.JSONDecodeError as e:
+        raise APIError(400, f"body is not valid JSON: {e}")
+    except RecursionError:
+        raise APIError(400, "body is not valid JSON: nested too deeply")
+    if not isinstance(document, dict):
+        raise APIError(400, 'body must be a JSON object like {"value": ...}')
+    unknown = [name for name in document if name not in WRITE_FIELDS]
+    if unknown:
+        raise APIError(
+            400, f'unknown field "{unknown[0]}"; accepted fields: ' + ", ".join(WRITE_FIELDS)
+        )
+    if "value" not in document:
+        raise APIError(400, 'body must have a "value" field')
+    if "expiry" in document and "ttl" in document:
+        raise APIError(400, 'give either "expiry" or "ttl", not both')
+    try:
+        value_json = render_json(document["value"])
+    except (ValueError, RecursionError) as e:
+        raise APIError(400, f'"value" {e}')
+
+    expiry = document.get("expiry")
+    if expiry is not None:
+        expiry = _number("expiry", expiry)
+        if expiry > MAX_EXPIRY:
+            raise APIError(400, '"expiry" must be at or before 9999-12-31T23:59:59Z')
+    ttl = document.get("ttl")
+    if ttl is not None:
+        ttl = _number("ttl", ttl)
+        if ttl <= 0:
+            raise APIError(400, '"ttl" must be a positive number of seconds')
+        expiry = now + ttl
+        if expiry > MAX_EXPIRY:
+            raise APIError(400, '"ttl" reaches past 9999-12-31T23:59:59Z')
+    if expiry is not None and expiry <= now:
+        # An expiry in the past is a durable delete: it is never served.
+        return Change.delete(key)
+    return Change.set(key, value_json, expiry)
+
+
+class DacheAPI:
+    """The routes. `DacheAPI(...).app.resource()` is the root resource."""
+
+    app = Klein()
+    log = Logger()
+
+    def __init__(
+        self,
+        cache: Cache,
+        committer: Committer,
+        clock: Any,
+        max_key_bytes: int = 1024,
+        max_value_bytes: int = 1024 * 1024,
+    ):
+        self.cache = cache
+        self.committer = committer
+        self.clock = clock
+        self.max_key_bytes = max_key_bytes
+        self.max_value_bytes = max_value_bytes
+
+    def resource(self) -> Any:
+        return self.app.resource()
+
+    # -- routes
+
+    @app.route("/dache", methods=["GET", "HEAD", "POST", "PUT", "DELETE"])
+    @app.route("/dache/", methods=["GET", "HEAD", "POST", "PUT", "DELETE"])
+    def empty_key(self, request: IRequest) -> bytes:
+        raise APIError(400, "key must not be empty: use /dache/<key>")
+
+    @app.route("/dache/<path:_key>", methods=["GET", "HEAD"])
+    def get(self, request: IRequest, _key: str) -> bytes:
+        key = parse_key(request.path, self.max_key_bytes)
+        entry = self.cache.get(key, self.clock.seconds())
+        if entry is None:
+            raise APIError(404, "key not found")
+        request.setHeader(b"content-type", JSON)
+        return entry.body
+
+    @app.route("/dache/<path:_key>", methods=["POST", "PUT"])
+    def set(self, request: IRequest, _key: str) -> Deferred[bytes]:
+        key = parse_key(request.path, self.max_key_bytes)
+        body = request.content.read() if request.content is not None else b""
+        if len(body) > self.max_value_bytes:
+            raise APIError(413, f"body is over the {self.max_value_bytes}-byte limit")
+        change = parse_write(body, key, self.clock.seconds())
+        return self._commit(request, change)
+
+    @app.route("/dache/<path:_key>", methods=["DELETE"])
+    def delete(self, request: IRequest, _key: str) -> Deferred[bytes]:
+        key = parse_key(request.path, self.max_key_bytes)
+        return self._commit(request, Change.delete(key))
+
+    @app.route("/health", methods=["GET", "HEAD"])
+    def health(self, request: IRequest) -> bytes:
+        request.setHeader(b"content-type", b"application/health+json")
+        return render_json({"status": "pass"})
+
+    # -- writes
+
+    def _commit(self, request: IRequest, change: Change) -> Deferred[bytes]:
+        d = self.committer.submit(change)
+        d.addCallbacks(self._acknowledged, self._write_failed, (request,), None, (request,))
+        return d
+
+    @staticmethod
+    def _acknowledged(revision: int, request: IRequest) -> bytes:
+        request.setResponseCode(204)
+        return b""
+
+    def _write_failed(self, failure: Failure, request: IRequest) -> bytes | None:
+        if failure.check(CancelledError):
+            return None  # the client went away; the write itself carries on
+        if failure.check(EngineUnavailable):
+            request.setHeader(b"retry-after", b"1")
+            return self._error(request, 503, str(failure.value))
+        self.log.failure("unexpected error answering a write", failure)
+        return self._error(request, 500, "internal error; see the server log")
+
+    # -- errors
+
+    @staticmethod
+    def _error(request: IRequest, status: int, message: str) -> bytes:
+        request.setResponseCode(status)
+        request.setHeader(b"content-type", JSON)
+        return error_body(message)
+
+    @app.handle_errors(APIError)
+    def api_error(self, request: IRequest, failure: Failure) -> bytes:
+        return self._error(request, failure.value.status, failure.value.message)
+
+    @app.handle_errors(NotFound)
+    def not_found(self, request: IRequest, failure: Failure) -> bytes:
+        return self._error(request, 404, "no such route; keys live under /dache/<key>")
+
+    @app.handle_errors(MethodNotAllowed)
+    def method_not_allowed(self, request: IRequest, failure: Failure) -> bytes:
+        allowed = failure.value.valid_methods or []
+        request.setHeader(b"allow", ", ".join(sorted(allowed)).encode("ascii"))
+        method = request.method.decode("ascii", "replace")
+        return self._error(request, 405, f"method {method} is not allowed here")
+
+    @app.handle_errors(Exception)
+    def unexpected(self, request: IRequest, failure: Failure) -> bytes:
+        self.log.failure("unexpected error answering {method} request", failure,
+                         method=request.method.decode("ascii", "replace"))
+        return self._error(request, 500, "internal error; see the server log")
+
+
+# Keys may hold "//" and end in "/": never let werkzeug merge or redirect them.
+DacheAPI.app.url_map.merge_slashes = False
+DacheAPI.app.url_map.strict_slashes = False

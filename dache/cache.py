@@ -1,0 +1,152 @@
+"""
+The in-memory map: entries, their expiry index and size accounting.
+
+Pure: no I/O and no reactor. Callers pass `now` (unix seconds) explicitly, so
+expiry is driven by whatever clock the service injects.
+
+An entry keeps its GET response body pre-rendered, with the value's JSON text
+at its end, so a read is one dict lookup and one write of bytes:
+
+    {"key":<key>,"expiry":<expiry>,"value":<value>}     ("expiry" only if set)
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+from collections.abc import Iterator
+
+_DUMPS = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
+
+
+def render_json(value: object) -> bytes:
+    """Compact JSON as UTF-8; ValueError for NaN/Infinity or lone surrogates."""
+    try:
+        return _DUMPS(value).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("contains a lone UTF-16 surrogate, which is not valid Unicode")
+
+
+class Entry:
+    """One live key: its pre-rendered body, expiry and revision."""
+
+    __slots__ = ("body", "value_offset", "expiry", "revision")
+
+    def __init__(self, body: bytes, value_offset: int, expiry: float | None, revision: int):
+        self.body = body
+        self.value_offset = value_offset
+        self.expiry = expiry
+        self.revision = revision
+
+    @property
+    def value_json(self) -> bytes:
+        """The value's JSON text, exactly as stored."""
+        return self.body[self.value_offset : -1]
+
+    @property
+    def value(self) -> object:
+        return json.loads(self.value_json)
+
+    @classmethod
+    def render(
+        cls, key_json: bytes, value_json: bytes, expiry: float | None, revision: int
+    ) -> Entry:
+        head = b'{"key":' + key_json
+        if expiry is not None:
+            head += b',"expiry":' + render_json(expiry)
+        head += b',"value":'
+        return cls(head + value_json + b"}", len(head), expiry, revision)
+
+
+class Cache:
+    """
+    Keys to entries, with a heap of (expiry, key) so expired entries are
+    dropped without being read. Heap items go stale when a key is overwritten
+    or deleted; they are recognised on pop (the entry's expiry differs) and
+    skipped, which keeps set and delete O(log n) at most.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[str, Entry] = {}
+        self._expiries: list[tuple[float, str]] = []
+        self.bytes = 0  # approximate: keys + bodies
+        self.expired_total = 0  # entries removed because they expired
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._entries
+
+    def get(self, key: str, now: float) -> Entry | None:
+        """The live entry for key at `now`, or None (missing or expired)."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if entry.expiry is not None and entry.expiry <= now:
+            return None
+        return entry
+
+    def peek(self, key: str) -> Entry | None:
+        """The entry as held, expired or not (for revision checks)."""
+        return self._entries.get(key)
+
+    def set(
+        self,
+        key: str,
+        value_json: bytes,
+        expiry: float | None = None,
+        revision: int = 0,
+        key_json: bytes | None = None,
+    ) -> Entry:
+        if key_json is None:
+            key_json = render_json(key)
+        entry = Entry.render(key_json, value_json, expiry, revision)
+        old = self._entries.get(key)
+        if old is not None:
+            self.bytes -= len(old.body)
+        else:
+            self.bytes += len(key)
+        self._entries[key] = entry
+        self.bytes += len(entry.body)
+        if expiry is not None:
+            heapq.heappush(self._expiries, (expiry, key))
+        return entry
+
+    def delete(self, key: str) -> bool:
+        old = self._entries.pop(key, None)
+        if old is None:
+            return False
+        self.bytes -= len(old.body) + len(key)
+        return True
+
+    def expire(self, now: float, limit: int = 10_000) -> int:
+        """Drop up to `limit` entries whose expiry is at or before `now`."""
+        removed = 0
+        heap = self._expiries
+        while heap and heap[0][0] <= now and removed < limit:
+            expiry, key = heapq.heappop(heap)
+            entry = self._entries.get(key)
+            if entry is not None and entry.expiry == expiry:
+                self.delete(key)
+                removed += 1
+        # Stale heap items accumulate under overwrite-heavy loads; rebuild when
+        # they clearly outnumber entries with an expiry.
+        if len(heap) > 1024 and len(heap) > 4 * len(self._entries):
+            self._rebuild_heap()
+        self.expired_total += removed
+        return removed
+
+    def _rebuild_heap(self) -> None:
+        self._expiries = [(e.expiry, k) for k, e in self._entries.items() if e.expiry is not None]
+        heapq.heapify(self._expiries)
+
+    def items(self) -> Iterator[tuple[str, Entry]]:
+        return iter(self._entries.items())
+
+    def snapshot(self, now: float) -> list[tuple[str, Entry]]:
+        """A list of the live (key, entry) pairs at `now`; safe to iterate later."""
+        return [(k, e) for k, e in self._entries.items() if e.expiry is None or e.expiry > now]
+
+    def max_revision(self) -> int:
+        return max((e.revision for e in self._entries.values()), default=0)

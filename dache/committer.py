@@ -1,0 +1,187 @@
+"""
+Group commit: every set and delete goes through the Committer.
+
+Changes queue while the engine is busy with the previous batch; when it is
+free, everything queued goes to engine.write() as one batch (one transaction,
+one fsync). Only when that write fires are the changes applied to the cache,
+in submission order, and their requests answered. So there is one order, and
+nothing is visible before it is durable.
+
+A batch that fails is answered with EngineUnavailable (503) and leaves the
+cache unchanged. A batch not confirmed within write_timeout is answered with
+WriteTimeout; if it was already handed to the engine it stays in flight and is
+applied if the engine later confirms it (the client was told the outcome is
+unknown); if it was still queued it is dropped, never written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from dache.cache import Cache
+from dache.engines import SET, Change, Engine, EngineUnavailable
+
+
+class WriteTimeout(EngineUnavailable):
+    """The engine did not confirm a write in time; it may or may not be durable."""
+
+
+class ShuttingDown(EngineUnavailable):
+    """dache is stopping and takes no new writes."""
+
+
+class _Batch:
+    __slots__ = ("changes", "waiters", "timer", "answered", "in_flight")
+
+    def __init__(self) -> None:
+        self.changes: list[Change] = []
+        self.waiters: list[Deferred[int]] = []
+        self.timer: Any = None
+        self.answered = False
+        self.in_flight = False
+
+
+class Committer:
+    log = Logger()
+
+    def __init__(
+        self,
+        engine: Engine,
+        cache: Cache,
+        clock: Any,
+        write_timeout: float = 2.0,
+        revision: int = 0,
+    ):
+        self.engine = engine
+        self.cache = cache
+        self.clock = clock
+        self.write_timeout = write_timeout
+        self.revision = revision  # last revision handed out
+        self._queued: _Batch | None = None
+        self._in_flight: _Batch | None = None
+        self._closing = False
+        self._drained: list[Deferred[None]] = []
+        # Observers, e.g. metrics: called with (batch size, seconds) / (error).
+        self.on_batch: list[Callable[[int, float], None]] = []
+        self.on_failure: list[Callable[[EngineUnavailable], None]] = []
+        # Counters for health checks and tests.
+        self.batches = 0
+        self.changes = 0
+        self.failures = 0
+        self.last_error: str | None = None
+
+    def submit(self, change: Change) -> Deferred[int]:
+        """Queue a change; fires with its revision once durable and applied."""
+        if self._closing:
+            return fail(ShuttingDown("dache is shutting down; retry on another node"))
+        batch = self._queued
+        if batch is None:
+            batch = self._queued = _Batch()
+            batch.timer = self.clock.callLater(self.write_timeout, self._timed_out, batch)
+        d: Deferred[int] = Deferred()
+        batch.changes.append(change)
+        batch.waiters.append(d)
+        if self._in_flight is None:
+            self._flush()
+        return d
+
+    @property
+    def busy(self) -> bool:
+        return self._in_flight is not None or self._queued is not None
+
+    def drain(self) -> Deferred[None]:
+        """Refuse new writes; fire when every queued and in-flight write is done."""
+        self._closing = True
+        if not self.busy:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._drained.append(d)
+        return d
+
+    def _flush(self) -> None:
+        batch = self._queued
+        if batch is None:
+            return
+        self._queued = None
+        self._in_flight = batch
+        batch.in_flight = True
+        for change in batch.changes:
+            self.revision += 1
+            change.revision = self.revision
+        started = self.clock.seconds()
+        d = maybeDeferred(self.engine.write, batch.changes)
+        d.addCallbacks(
+            self._written, self._failed, callbackArgs=(batch, started), errbackArgs=(batch,)
+        )
+
+    def _written(self, _: object, batch: _Batch, started: float) -> None:
+        if batch.timer.active():
+            batch.timer.cancel()
+        cache = self.cache
+        for change in batch.changes:
+            if change.kind == SET:
+                cache.set(change.key, change.value_json, change.expiry, change.revision)
+            else:
+                cache.delete(change.key)
+        if batch.changes:
+            self.revision = max(self.revision, batch.changes[-1].revision)
+        self.batches += 1
+        self.changes += len(batch.changes)
+        self.last_error = None
+        for observer in self.on_batch:
+            observer(len(batch.changes), self.clock.seconds() - started)
+        if not batch.answered:
+            batch.answered = True
+            for change, waiter in zip(batch.changes, batch.waiters, strict=True):
+                waiter.callback(change.revision)
+        self._next()
+
+    def _failed(self, failure: Failure, batch: _Batch) -> None:
+        if batch.timer.active():
+            batch.timer.cancel()
+        error = failure.value
+        if not isinstance(error, EngineUnavailable):
+            self.log.failure("durability engine failed a write unexpectedly", failure)
+            error = EngineUnavailable("durability engine error; see the server log")
+        self.failures += 1
+        self.last_error = str(error)
+        for observer in self.on_failure:
+            observer(error)
+        self._answer_error(batch, error)
+        self._next()
+
+    def _timed_out(self, batch: _Batch) -> None:
+        if not batch.in_flight and self._queued is batch:
+            self._queued = None  # never reached the engine: drop it
+        self._answer_error(
+            batch,
+            WriteTimeout(
+                f"durability engine did not confirm the write within {self.write_timeout:g}s"
+            ),
+        )
+        if not self.busy:
+            self._fire_drained()
+
+    def _answer_error(self, batch: _Batch, error: EngineUnavailable) -> None:
+        if batch.answered:
+            return
+        batch.answered = True
+        for waiter in batch.waiters:
+            waiter.errback(Failure(error))
+
+    def _next(self) -> None:
+        self._in_flight = None
+        if self._queued is not None:
+            self._flush()
+        else:
+            self._fire_drained()
+
+    def _fire_drained(self) -> None:
+        waiters, self._drained = self._drained, []
+        for d in waiters:
+            d.callback(None)

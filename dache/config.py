@@ -1,0 +1,220 @@
+"""
+dache's configuration: one table of settings, read from environment variables
+(the original dache's names) and overridden by `twistd dache --option` twins.
+
+Every setting is declared once in SETTINGS; the twistd Options class, the
+--help text and the README table all come from it. A bad value raises
+ConfigError with one line that names the setting and what it accepts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.python import usage
+
+from dache.engines import REGISTRY
+
+
+class ConfigError(Exception):
+    """A setting has a value dache cannot use; the message is one line for a person."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    env: str  # environment variable, e.g. "PORT"
+    option: str  # twistd option, e.g. "port"
+    default: str | None  # as a string, parsed like a user's value; None: unset
+    parse: Callable[[str], Any]  # raises ValueError("must be ...") on bad input
+    help: str
+    secret: bool = False  # never echoed in errors or logs
+
+    @property
+    def attr(self) -> str:
+        return self.env.lower()
+
+
+# -- parsers: each raises ValueError with the "must be ..." half of a message
+
+
+def parse_port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise ValueError("must be an integer from 0 to 65535")
+    return port
+
+
+def parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("must be true or false")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError("must be a positive integer")
+    return value
+
+
+def positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError("must be a positive number of seconds")
+    return value
+
+
+def one_of(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip().lower()
+        if value not in choices:
+            raise ValueError("must be one of: " + ", ".join(choices))
+        return value
+
+    return parse
+
+
+def plain_text(text: str) -> str:
+    return text
+
+
+def non_empty(text: str) -> str:
+    if not text.strip():
+        raise ValueError("must not be empty")
+    return text
+
+
+# Engine names accepted by DURABILITY_ENGINE: the registry in dache.engines.
+ENGINE_NAMES = tuple(REGISTRY)
+
+SETTINGS: list[Setting] = [
+    Setting("PORT", "port", "8080", parse_port, "TCP port to serve on (all interfaces)."),
+    Setting(
+        "LISTEN",
+        "listen",
+        None,
+        non_empty,
+        "Twisted server endpoint to serve on, e.g. tcp:8080:interface=127.0.0.1, "
+        "unix:/run/dache.sock, ssl:8443:privateKey=key.pem:certKey=cert.pem, "
+        "systemd:domain=INET:index=0. Overrides PORT.",
+    ),
+    Setting(
+        "DURABILITY_ENGINE",
+        "durability-engine",
+        "memory",
+        one_of(*ENGINE_NAMES),
+        "Where acknowledged writes are made durable: " + ", ".join(ENGINE_NAMES) + ".",
+    ),
+    Setting(
+        "MAX_KEY_BYTES",
+        "max-key-bytes",
+        "1024",
+        positive_int,
+        "Longest key accepted, in UTF-8 bytes.",
+    ),
+    Setting(
+        "MAX_VALUE_BYTES",
+        "max-value-bytes",
+        "1048576",
+        positive_int,
+        "Largest request body accepted, in bytes; larger bodies get 413 unread.",
+    ),
+    Setting(
+        "WRITE_TIMEOUT",
+        "write-timeout",
+        "2",
+        positive_seconds,
+        "Seconds a set or delete waits for the engine before answering 503.",
+    ),
+    Setting(
+        "ACCESS_LOG",
+        "access-log",
+        "false",
+        parse_bool,
+        "Log one line per request (costs throughput).",
+    ),
+    Setting(
+        "LOGGING_REDACT_KEYS",
+        "logging-redact-keys",
+        "false",
+        parse_bool,
+        "Replace keys with a placeholder in access-log lines.",
+    ),
+]
+
+
+class Config:
+    """The resolved settings: one attribute per setting (PORT -> config.port)."""
+
+    def __init__(self, values: Mapping[str, Any]):
+        self.__dict__.update(values)
+
+    def replace(self, **changes: Any) -> Config:
+        return Config({**self.__dict__, **changes})
+
+    def __repr__(self) -> str:
+        secret = {s.attr for s in SETTINGS if s.secret}
+        shown = {k: ("<redacted>" if k in secret and v else v) for k, v in self.__dict__.items()}
+        return f"Config({shown!r})"
+
+
+def resolve(options: Mapping[str, Any], environ: Mapping[str, str]) -> Config:
+    """
+    Resolve every setting: the twistd option if given, else the environment
+    variable if set, else the default. Raises ConfigError on the first bad one.
+    """
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        raw = options.get(setting.option)
+        source = f"--{setting.option}"
+        if raw is None:
+            raw = environ.get(setting.env)
+            source = setting.env
+        if raw is None:
+            values[setting.attr] = None if setting.default is None else setting.parse(setting.default)
+            continue
+        try:
+            values[setting.attr] = setting.parse(raw)
+        except ValueError as e:
+            shown = "" if setting.secret else f" (got {raw!r})"
+            raise ConfigError(f"{source} {e}{shown}") from None
+    return Config(values)
+
+
+def default_config(**overrides: Any) -> Config:
+    """The defaults, with overrides; for tests and embedding."""
+    return resolve({}, {}).replace(**overrides)
+
+
+class Options(usage.Options):
+    """`twistd dache` options, generated from SETTINGS."""
+
+    synopsis = "[options]"
+    longdesc = (
+        "Serve dache, a durable cache over HTTP/JSON. Every option has an environment "
+        "variable twin (shown in brackets); the option wins when both are set."
+    )
+    optParameters = [
+        [
+            s.option,
+            None,
+            None,
+            f"{s.help} [{s.env}]" + ("" if s.default is None else f" (default: {s.default})"),
+        ]
+        for s in SETTINGS
+    ]

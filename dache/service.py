@@ -1,0 +1,179 @@
+"""
+makeService(config): the running node, started in order
+
+    engine -> load into the cache -> committer -> expiry sweeper -> HTTP listener
+
+so the port only accepts requests once the cache holds everything the engine
+acknowledged; and stopped in reverse: stop listening, let in-flight writes
+finish and be acknowledged, close the engine.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import sys
+import time
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import endpoints
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from dache.api import DacheAPI
+from dache.cache import Cache
+from dache.committer import Committer
+from dache.config import Config, ConfigError
+from dache.engines import SET, Change, create_engine
+from dache.http import DacheSite
+
+SWEEP_INTERVAL = 1.0  # seconds between expiry sweeps
+
+
+class StartupError(Exception):
+    """dache cannot start; str() is the one line to show."""
+
+
+def endpoint_description(config: Config) -> str:
+    return config.listen or f"tcp:{config.port}"
+
+
+def validate_endpoint(config: Config, reactor: Any) -> None:
+    """Fail at start-up, with one line, on an endpoint string Twisted can't parse."""
+    description = endpoint_description(config)
+    try:
+        endpoints.serverFromString(reactor, description)
+    except (ValueError, TypeError, KeyError) as e:
+        raise ConfigError(f"--listen/LISTEN is not a valid server endpoint ({e})") from None
+
+
+class DacheService(service.Service):
+    """One dache node: engine, cache, committer and HTTP listener."""
+
+    log = Logger()
+
+    def __init__(self, config: Config, reactor: Any = None):
+        if reactor is None:
+            from twisted.internet import reactor
+        self.config = config
+        self.reactor = reactor
+        self.cache = Cache()
+        self.engine: Any = None
+        self.committer: Committer | None = None
+        self.api: DacheAPI | None = None
+        self.site: DacheSite | None = None
+        self.port: Any = None
+        self.started_at: float | None = None
+        self._sweeper: LoopingCall | None = None
+        self._starting: Deferred[None] | None = None
+        self.ready: Deferred[None] = Deferred()  # fires once listening
+
+    def startService(self) -> None:
+        super().startService()
+        self._starting = self._start()
+        self._starting.addErrback(self._start_failed)
+
+    @inlineCallbacks
+    def _start(self) -> Any:
+        config, reactor = self.config, self.reactor
+        self.engine = create_engine(config, reactor)
+        self.log.info("engine: {engine}", engine=self.engine.name)
+
+        began = time.monotonic()
+        yield self.engine.load(self._apply_loaded)
+        self.cache.expire(reactor.seconds())
+        self.log.info(
+            "loaded {count} entries in {seconds:.3f}s",
+            count=len(self.cache),
+            seconds=time.monotonic() - began,
+        )
+
+        self.committer = Committer(
+            self.engine,
+            self.cache,
+            reactor,
+            write_timeout=config.write_timeout,
+            revision=self.cache.max_revision(),
+        )
+        self._sweeper = LoopingCall(self._sweep)
+        self._sweeper.clock = reactor
+        self._sweeper.start(SWEEP_INTERVAL, now=False)
+
+        self.api = DacheAPI(
+            self.cache,
+            self.committer,
+            reactor,
+            max_key_bytes=config.max_key_bytes,
+            max_value_bytes=config.max_value_bytes,
+        )
+        self.site = DacheSite(
+            self.api.resource(),
+            max_body_bytes=config.max_value_bytes,
+            access_log=config.access_log,
+            redact_keys=config.logging_redact_keys,
+        )
+        endpoint = endpoints.serverFromString(reactor, endpoint_description(config))
+        self.port = yield endpoint.listen(self.site)
+        self.started_at = reactor.seconds()
+        self.log.info("listening on {address}", address=_describe(self.port))
+        self.ready.callback(None)
+
+    def _apply_loaded(self, change: Change) -> None:
+        if change.kind == SET:
+            self.cache.set(change.key, change.value_json, change.expiry, change.revision)
+        else:
+            self.cache.delete(change.key)
+
+    def _sweep(self) -> None:
+        self.cache.expire(self.reactor.seconds())
+
+    def _start_failed(self, failure: Failure) -> None:
+        reason = failure.value
+        if not isinstance(reason, StartupError | ConfigError):
+            self.log.failure("dache could not start", failure)
+        self.log.critical("dache could not start: {reason}", reason=str(reason))
+        self.ready.errback(failure)
+        exit_after_shutdown(1)
+        if self.reactor.running:
+            self.reactor.stop()
+
+    @inlineCallbacks
+    def stopService(self) -> Any:
+        super().stopService()
+        if self._starting is not None and not self._starting.called:
+            self._starting.cancel()
+        if self.port is not None:
+            yield self.port.stopListening()
+        if self._sweeper is not None and self._sweeper.running:
+            self._sweeper.stop()
+        if self.committer is not None:
+            yield self.committer.drain()
+        if self.engine is not None:
+            yield self.engine.close()
+        self.log.info("dache stopped")
+
+
+def _describe(port: Any) -> str:
+    address = port.getHost()
+    host = getattr(address, "host", None)
+    if host is not None:
+        return f"{address.type.lower()}:{host}:{address.port}"
+    return str(getattr(address, "name", address))
+
+
+def exit_after_shutdown(status: int) -> None:
+    """twistd always exits 0; make the process exit with `status` once it is done."""
+
+    def _exit() -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+
+    atexit.register(_exit)
+
+
+def makeService(config: Config, reactor: Any = None) -> DacheService:
+    return DacheService(config, reactor)

@@ -1,0 +1,33 @@
+"""
+The twistd glue (as twisted/web/tap.py is for `twistd web`): Options and
+makeService for `twistd dache`. A bad setting stops start-up with one line
+naming it, exit status 2, and no traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from dache import config as _config
+from dache import service
+
+Options = _config.Options
+
+
+def makeService(options: Any) -> service.DacheService:
+    try:
+        config = _config.resolve(options, os.environ)
+        service.validate_endpoint(config, _reactor())
+    except _config.ConfigError as e:
+        sys.stderr.write(f"dache: configuration error: {e}\n")
+        sys.stderr.flush()
+        raise SystemExit(2)
+    return service.makeService(config)
+
+
+def _reactor() -> Any:
+    from twisted.internet import reactor
+
+    return reactor

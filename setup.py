@@ -1,0 +1,34 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="dache",
+    version="0.4.0",
+    description="A durable cache served over HTTP/JSON, on Twisted.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["dache", "dache.*"]) + ["twisted.plugins"],
+    package_data={"twisted": ["plugins/dache_plugin.py"]},
+    install_requires=[
+        "Twisted>=24.7",
+        "klein>=24.8",
+        "txpostgres>=1.7",
+        "psycopg2-binary>=2.9",
+        "prometheus_client>=0.20",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "pytest-twisted>=1.14",
+            "treq>=24.9",
+            "ruff>=0.6",
+        ],
+        "bench": [
+            "matplotlib>=3.8",
+        ],
+    },
+    classifiers=[
+        "Framework :: Twisted",
+        "Programming Language :: Python :: 3",
+    ],
+)
