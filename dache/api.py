@@ -19,6 +19,8 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from dache.cache import Cache, render_json
@@ -140,8 +142,8 @@ class DacheAPI:
         self.max_key_bytes = max_key_bytes
         self.max_value_bytes = max_value_bytes
 
-    def resource(self) -> Any:
-        return self.app.resource()
+    def resource(self) -> Resource:
+        return DacheResource(self)
 
     # -- routes
 
@@ -224,11 +226,69 @@ class DacheAPI:
 
     @app.handle_errors(Exception)
     def unexpected(self, request: IRequest, failure: Failure) -> bytes:
-        self.log.failure("unexpected error answering {method} request", failure,
-                         method=request.method.decode("ascii", "replace"))
+        self.log.failure(
+            "unexpected error answering {method} request",
+            failure,
+            method=request.method.decode("ascii", "replace"),
+        )
         return self._error(request, 500, "internal error; see the server log")
 
 
 # Keys may hold "//" and end in "/": never let werkzeug merge or redirect them.
 DacheAPI.app.url_map.merge_slashes = False
 DacheAPI.app.url_map.strict_slashes = False
+
+
+class DacheResource(Resource):
+    """
+    The root resource. Requests for /dache/<key> with a method in KEY_METHODS
+    go straight to the API's handlers; everything else (and every error path
+    those handlers raise into Klein's handlers) goes through the Klein app.
+
+    Why: Klein binds a werkzeug URL map and matches rules on every request,
+    which costs more than the whole GET of an entry. The key routes are still
+    declared in the Klein app, with the same handlers, so there is one route
+    table; this only skips the matching for the hot ones.
+    """
+
+    isLeaf = True
+
+    def __init__(self, api: DacheAPI):
+        super().__init__()
+        self.api = api
+        self.klein = api.app.resource()
+        self.key_methods = {
+            b"GET": api.get,
+            b"HEAD": api.get,
+            b"POST": api.set,
+            b"PUT": api.set,
+            b"DELETE": api.delete,
+        }
+
+    def render(self, request: IRequest) -> bytes | int:
+        handler = self.key_methods.get(request.method)
+        if handler is None or not request.path.startswith(KEY_PREFIX):
+            return self.klein.render(request)
+        try:
+            result = handler(request, None)
+        except APIError as e:
+            return self.api._error(request, e.status, e.message)
+        except Exception:
+            return self.api.unexpected(request, Failure())
+        if isinstance(result, Deferred):
+            result.addCallback(_finish, request)
+            result.addErrback(self._finish_failed, request)
+            return NOT_DONE_YET
+        return result
+
+    def _finish_failed(self, failure: Failure, request: IRequest) -> None:
+        _finish(self.api.unexpected(request, failure), request)
+
+
+def _finish(body: bytes | None, request: IRequest) -> None:
+    if body is None or request._disconnected:
+        return  # the client went away; the write itself carried on
+    if body:
+        request.setHeader(b"content-length", b"%d" % len(body))
+        request.write(body)
+    request.finish()

@@ -186,7 +186,9 @@ def resolve(options: Mapping[str, Any], environ: Mapping[str, str]) -> Config:
             raw = environ.get(setting.env)
             source = setting.env
         if raw is None:
-            values[setting.attr] = None if setting.default is None else setting.parse(setting.default)
+            values[setting.attr] = (
+                None if setting.default is None else setting.parse(setting.default)
+            )
             continue
         try:
             values[setting.attr] = setting.parse(raw)

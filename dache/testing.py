@@ -11,8 +11,8 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import quote
 
-from twisted.internet.task import Clock
 from treq.testing import StubTreq
+from twisted.internet.task import Clock
 
 from dache.api import DacheAPI
 from dache.cache import Cache

@@ -1,0 +1,18 @@
+import pytest
+
+from tests.process import DacheProcess
+
+
+@pytest.fixture
+def dache_process():
+    """A factory for `twistd -n dache` subprocesses, all killed at teardown."""
+    started: list[DacheProcess] = []
+
+    def start(env=None, args=(), wait=True, timeout=30.0):
+        process = DacheProcess(env, tuple(args))
+        started.append(process)
+        return process.start(timeout=timeout, wait=wait)
+
+    yield start
+    for process in started:
+        process.stop()

@@ -1,0 +1,124 @@
+"""
+Run `twistd -n dache` as a subprocess and talk to it over a real socket.
+
+The node listens on an ephemeral port (`--listen tcp:0:interface=127.0.0.1`)
+and reports it on its "listening on" log line, so tests never race for ports.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import quote
+
+TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
+LISTENING = re.compile(r"listening on tcp:[^:]+:(\d+)")
+
+
+class DacheProcess:
+    def __init__(self, env: Mapping[str, str] | None = None, args: tuple[str, ...] = ()):
+        self.env = {**os.environ, **(env or {})}
+        self.args = args
+        self.proc: subprocess.Popen[str] | None = None
+        self.port: int | None = None
+        self.lines: list[str] = []
+        self._listening = threading.Event()
+
+    # -- lifecycle
+
+    def start(self, timeout: float = 30.0, wait: bool = True) -> DacheProcess:
+        command = [TWISTD, "-n", "--pidfile=", "dache"]
+        if not any(a.startswith("--listen") for a in self.args):
+            command.append("--listen=tcp:0:interface=127.0.0.1")
+        command += list(self.args)
+        self.proc = subprocess.Popen(
+            command,
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        threading.Thread(target=self._read_output, daemon=True).start()
+        if wait:
+            self.wait_listening(timeout)
+        return self
+
+    def _read_output(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+            match = LISTENING.search(line)
+            if match and self.port is None:
+                self.port = int(match.group(1))
+                self._listening.set()
+
+    def wait_listening(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not self._listening.wait(0.05):
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError("dache exited before listening:\n" + self.output())
+            if time.monotonic() > deadline:
+                raise RuntimeError("dache did not start listening in time:\n" + self.output())
+
+    def wait_exit(self, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        code = self.proc.wait(timeout)
+        time.sleep(0)  # let the reader thread drain
+        return code
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.wait_exit(timeout)
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        """Make sure the process is gone (for fixture teardown)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    # -- HTTP
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+        timeout: float = 10.0,
+    ) -> tuple[int, dict[str, str], bytes]:
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            connection.request(method, path, body=body, headers=dict(headers or {}))
+            response = connection.getresponse()
+            return response.status, dict(response.getheaders()), response.read()
+        finally:
+            connection.close()
+
+    def set(self, key: str, value: Any, **fields: Any) -> int:
+        body = json.dumps({"value": value, **fields}).encode()
+        return self.request("POST", "/dache/" + quote(key, safe=""), body)[0]
+
+    def get(self, key: str) -> tuple[int, Any]:
+        status, _, body = self.request("GET", "/dache/" + quote(key, safe=""))
+        return status, json.loads(body) if body else None
+
+    def delete(self, key: str) -> int:
+        return self.request("DELETE", "/dache/" + quote(key, safe=""))[0]
