@@ -1,0 +1,62 @@
+"""
+Fill a durability engine with N entries through its own write() (so the
+bench knows nothing of its storage format), configured from the environment
+like dache itself:
+
+    DURABILITY_ENGINE=disk DISK_PATH=... python -m bench.fill 1000000
+
+Keys are "k0000000".."k{N-1}", values are JSON strings of VALUE_BYTES (100).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any
+
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import react
+
+from dache.config import resolve
+from dache.engines import Change, create_engine
+
+BATCH = 10_000
+VALUE_BYTES = 100
+
+
+def key_of(i: int) -> str:
+    return f"k{i:07d}"
+
+
+def value_json(value_bytes: int = VALUE_BYTES) -> bytes:
+    return b'"' + b"x" * (value_bytes - 2) + b'"'
+
+
+@inlineCallbacks
+def fill(reactor: Any, entries: int) -> Any:
+    config = resolve({}, os.environ)
+    engine = create_engine(config, reactor)
+    yield engine.load(lambda change: None)
+    value = value_json()
+    began = time.monotonic()
+    revision = 0
+    for start in range(0, entries, BATCH):
+        batch = []
+        for i in range(start, min(start + BATCH, entries)):
+            revision += 1
+            change = Change.set(key_of(i), value)
+            change.revision = revision
+            batch.append(change)
+        yield engine.write(batch)
+    yield engine.close()
+    sys.stdout.write(f"filled {entries} entries in {time.monotonic() - began:.1f}s\n")
+
+
+def main() -> None:
+    entries = int(sys.argv[1])
+    react(fill, (entries,))
+
+
+if __name__ == "__main__":
+    main()

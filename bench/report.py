@@ -1,0 +1,305 @@
+"""
+bench/RESULTS.md and bench/results.png from one run's medians: every figure
+side by side with the ceiling's (and etcd's) from the same run, and the
+issue's targets checked at 64 connections and 100 B values.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from bench.load import Sample
+from bench.scenarios import PEERS, Scenario
+from bench.startup import Startup
+
+Key = tuple[str, int, int]
+TARGET_CONNECTIONS = 64
+TARGET_VALUE = 100
+
+
+@dataclass
+class Context:
+    command: str
+    mode: str
+    rounds: int
+    seconds: float
+    warmup: float
+    load_before: tuple[float, float, float]
+    load_after: tuple[float, float, float]
+    elapsed: float
+    machine: str
+
+
+@dataclass
+class Target:
+    what: str
+    measured: str
+    required: str
+    status: str  # "met", "NOT met", or why it could not be measured
+
+
+def ratio(medians: Mapping[Key, Sample], key: Key, other: Key) -> float | None:
+    a, b = medians.get(key), medians.get(other)
+    if a is None or b is None or b.rps == 0:
+        return None
+    return a.rps / b.rps
+
+
+def _fmt(value: float | None, digits: int = 2, suffix: str = "×") -> str:
+    return "–" if value is None else f"{value:.{digits}f}{suffix}"
+
+
+def targets(medians: Mapping[Key, Sample], startups: list[Startup]) -> list[Target]:
+    c, v = TARGET_CONNECTIONS, TARGET_VALUE
+    rows: list[Target] = []
+
+    def ratio_target(what: str, kind: str, other: str, required: float) -> None:
+        r = ratio(medians, (kind, c, v), (other, c, v))
+        if r is None:
+            missing = kind if (kind, c, v) not in medians else other
+            rows.append(Target(what, "–", f"≥ {required}×", f"not measured ({missing})"))
+            return
+        rows.append(Target(what, f"{r:.2f}×", f"≥ {required}×", _status(r >= required)))
+
+    ratio_target("GET hit / ceiling GET", "GET hit", "ceiling GET", 0.9)
+    get = medians.get(("GET hit", c, v))
+    if get is None:
+        rows.append(Target("GET hit p99 / p50", "–", "≤ 3×", "not measured"))
+    else:
+        spread = get.p99_ms / get.p50_ms
+        rows.append(
+            Target(
+                "GET hit p99 / p50",
+                f"{spread:.2f}× ({get.p99_ms:.2f} / {get.p50_ms:.2f} ms)",
+                "≤ 3×",
+                _status(spread <= 3),
+            )
+        )
+    ratio_target("SET memory / ceiling POST", "SET memory", "ceiling POST", 0.8)
+    ratio_target("SET disk (fsync always) / ceiling POST", "SET disk", "ceiling POST", 0.75)
+    ratio_target("SET postgres / ceiling POST", "SET postgres", "ceiling POST", 0.7)
+    ratio_target("SET disk / etcd put", "SET disk", "etcd put", 1.0)
+    ratio_target("SET postgres / etcd put", "SET postgres", "etcd put", 1.0)
+    ratio_target("GET hit / etcd range", "GET hit", "etcd range", 2.5)
+    for engine in ("disk", "postgres"):
+        found = [s for s in startups if s.engine == engine]
+        if not found:
+            rows.append(Target(f"load 1M entries ({engine})", "–", "≤ 5 s", "not measured"))
+            rows.append(Target(f"RSS overhead per entry ({engine})", "–", "≤ 250 B", "–"))
+            continue
+        s = found[0]
+        if s.error or s.load_seconds is None:
+            rows.append(Target(f"load ({engine})", "–", "≤ 5 s", f"error: {s.error}"))
+            continue
+        # Load time scales with entries; a smaller (quick) run is scaled to 1M.
+        scaled = s.load_seconds * 1_000_000 / s.entries
+        measured = f"{s.load_seconds:.2f} s for {s.entries:,}"
+        if s.entries != 1_000_000:
+            measured += f" (≈ {scaled:.1f} s per 1M)"
+        rows.append(Target(f"load 1M entries ({engine})", measured, "≤ 5 s", _status(scaled <= 5)))
+        overhead = s.overhead_per_entry
+        rows.append(
+            Target(
+                f"RSS overhead per entry ({engine})",
+                _fmt(overhead, 0, " B"),
+                "≤ 250 B",
+                "–" if overhead is None else _status(overhead <= 250),
+            )
+        )
+    return rows
+
+
+def _status(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
+def targets_text(
+    scenarios: list[Scenario], medians: Mapping[Key, Sample], startups: list[Startup]
+) -> str:
+    lines = ["Targets (64 connections, 100 B values):"]
+    for t in targets(medians, startups):
+        lines.append(f"  {t.what:42} {t.measured:32} {t.required:8} {t.status}")
+    return "\n".join(lines)
+
+
+def _spread(samples: list[Sample]) -> float | None:
+    """(max - min) / median of req/s over the rounds: how noisy a scenario was."""
+    if len(samples) < 2:
+        return None
+    rates = [s.rps for s in samples]
+    return (max(rates) - min(rates)) / statistics.median(rates)
+
+
+def markdown(
+    context: Context,
+    scenarios: list[Scenario],
+    medians: Mapping[Key, Sample],
+    samples: Mapping[Key, list[Sample]],
+    missing: Mapping[str, str],
+    startups: list[Startup],
+    rss: Mapping[str, int],
+) -> str:
+    out: list[str] = []
+    w = out.append
+    w("# dache benchmark results\n")
+    w(
+        f"Written by `{context.command}` ({context.mode} mode) on "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, in {context.elapsed:.0f} s. "
+        f"Machine: {context.machine}.\n"
+    )
+    w(
+        "Every server (dache, the ceiling, etcd) is pinned to core 0 and wrk (one thread) "
+        f"to core 1 with `taskset`, on loopback. Each scenario ran {context.rounds} "
+        f"round(s) of {context.seconds:g} s after a {context.warmup:g} s warm-up, the "
+        "rounds interleaved with every other scenario; figures are medians. Ratios "
+        "compare figures from this same run: `× ceiling` is against the bare "
+        "twisted.web resource (bench/ceiling.py) for the same method, connections and "
+        "value size; `× etcd` against etcd's v3 JSON gateway (put for durable sets, "
+        "range for GET).\n"
+    )
+    noise = [
+        _spread(samples[k])
+        for k in samples
+        if k[0].startswith("ceiling") and _spread(samples[k]) is not None
+    ]
+    w(
+        f"Noise: load average {context.load_before[0]:.2f} before, "
+        f"{context.load_after[0]:.2f} after"
+        + (
+            f"; the ceiling's req/s varied by a median {statistics.median(noise):.0%} "
+            f"(max {max(noise):.0%}) between rounds."
+            if noise
+            else "."
+        )
+        + "\n"
+    )
+
+    w("## Targets\n")
+    w(f"At {TARGET_CONNECTIONS} connections and {TARGET_VALUE} B values.\n")
+    w("| target | measured | required | status |")
+    w("| --- | --- | --- | --- |")
+    for t in targets(medians, startups):
+        w(f"| {t.what} | {t.measured} | {t.required} | {t.status} |")
+    w("")
+
+    w("## Throughput and latency\n")
+    w(
+        "| scenario | conns | value | req/s | p50 ms | p99 ms | p99/p50 "
+        "| × ceiling | × etcd | notes |"
+    )
+    w("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    for s in scenarios:
+        m = medians.get(s.key)
+        if m is None:
+            continue
+        vs_ceiling = (
+            ratio(medians, s.key, s.counterpart(s.ceiling_kind)) if s.ceiling_kind else None
+        )
+        peer = PEERS.get(s.kind)
+        vs_etcd = ratio(medians, s.key, s.counterpart(peer)) if peer else None
+        notes = []
+        if s.expects_2xx and m.non2xx:
+            notes.append(f"{m.non2xx} non-2xx")
+        if not s.expects_2xx:
+            notes.append("404 expected")
+        if m.errors:
+            notes.append(f"{m.errors} socket errors/timeouts")
+        spread = _spread(samples[s.key])
+        if spread is not None and spread > 0.25:
+            notes.append(f"rounds varied {spread:.0%}")
+        size = f"{s.value_bytes // 1024} KiB" if s.value_bytes >= 1024 else f"{s.value_bytes} B"
+        w(
+            f"| {s.kind} | {s.connections} | {size} | {m.rps:,.0f} | {m.p50_ms:.2f} | "
+            f"{m.p99_ms:.2f} | {m.p99_ms / m.p50_ms:.1f} | {_fmt(vs_ceiling)} | "
+            f"{_fmt(vs_etcd)} | {', '.join(notes)} |"
+        )
+    w("")
+    if missing:
+        w("Not available yet:\n")
+        for kind, why in missing.items():
+            w(f"- {kind}: {why}")
+        w("")
+
+    w("## Start-up load and memory\n")
+    if not startups:
+        w("No durable engine measured (none in dache.engines.REGISTRY, or --no-startup).\n")
+    else:
+        w(
+            "Each engine filled with N entries (8-byte keys, 100-byte JSON values) through "
+            "its own write(), then `twistd dache` started on it. `load` is dache's own "
+            '"loaded N entries" figure; `to listening` is process start to accepting '
+            "connections. Bytes per entry: (RSS full − RSS of the same engine empty) / N; "
+            "overhead: that less the 108 bytes of key and value.\n"
+        )
+        w(
+            "| engine | entries | fill s | load s | to listening s | RSS empty MiB "
+            "| RSS full MiB | B/entry | overhead B/entry |"
+        )
+        w("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for s in startups:
+            if s.error:
+                w(f"| {s.engine} | {s.entries:,} | error: {s.error} | | | | | | |")
+                continue
+            w(
+                f"| {s.engine} | {s.entries:,} | {_fmt(s.fill_seconds, 1, '')} | "
+                f"{_fmt(s.load_seconds, 2, '')} | {_fmt(s.listening_seconds, 2, '')} | "
+                f"{_mib(s.rss_empty)} | {_mib(s.rss_full)} | "
+                f"{_fmt(s.bytes_per_entry, 0, '')} | {_fmt(s.overhead_per_entry, 0, '')} |"
+            )
+        w("")
+    if rss:
+        w(
+            "RSS of the servers after the load runs: "
+            + ", ".join(f"{name} {_mib(value)} MiB" for name, value in sorted(rss.items()))
+            + ".\n"
+        )
+    w("![throughput and p99 latency per scenario](results.png)\n")
+    return "\n".join(out)
+
+
+def _mib(value: int | None) -> str:
+    return "–" if value is None else f"{value / 2**20:.1f}"
+
+
+def chart(scenarios: list[Scenario], medians: Mapping[Key, Sample], path: str) -> None:
+    """Req/s and p99 per scenario kind, one bar per connection count, per value size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = list(dict.fromkeys(s.kind for s in scenarios if s.key in medians))
+    sizes = sorted({s.value_bytes for s in scenarios})
+    connections = sorted({s.connections for s in scenarios})
+    fig, axes = plt.subplots(
+        2, len(sizes), figsize=(7 * len(sizes), 9), squeeze=False, sharey="row"
+    )
+    width = 0.8 / len(connections)
+    for column, size in enumerate(sizes):
+        for row, (field, label) in enumerate(
+            (("rps", "requests/s"), ("p99_ms", "p99 latency, ms"))
+        ):
+            ax = axes[row][column]
+            for i, conns in enumerate(connections):
+                xs, ys = [], []
+                for x, kind in enumerate(kinds):
+                    m = medians.get((kind, conns, size))
+                    if m is not None:
+                        xs.append(x + (i - (len(connections) - 1) / 2) * width)
+                        ys.append(getattr(m, field))
+                ax.bar(xs, ys, width, label=f"{conns} conn")
+            ax.set_xticks(range(len(kinds)))
+            ax.set_xticklabels(kinds, rotation=40, ha="right", fontsize=8)
+            ax.set_ylabel(label)
+            value = f"{size // 1024} KiB" if size >= 1024 else f"{size} B"
+            ax.set_title(f"{label}, {value} values")
+            ax.grid(axis="y", alpha=0.3)
+            if row == 0 and column == 0:
+                ax.legend(fontsize=8)
+    fig.suptitle("dache vs the bare twisted.web ceiling and etcd (medians, one run)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,289 @@
+"""
+`make bench` (= `python -m bench.run [--quick]`): start every server pinned to
+core 0, load each from wrk pinned to core 1, and write bench/RESULTS.md and
+bench/results.png.
+
+Scenarios run in rounds: every scenario once per round, a warm-up before each
+measured run, so the noise of a shared machine is spread across all of them
+and the side-by-side ratios stay honest. Medians over the rounds are reported.
+Scenarios for an engine dache does not have yet are listed as not available.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import http.client
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from bench import report, startup
+from bench.load import Sample, run_wrk
+from bench.scenarios import KEYS, Scenario, hit_key, set_body, write_request_file
+from bench.servers import Etcd, Server, ceiling, dache
+from dache.config import SETTINGS
+from dache.engines import REGISTRY
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@dataclass
+class Mode:
+    name: str
+    rounds: int
+    seconds: int  # wrk takes whole seconds
+    warmup: int
+    connections: tuple[int, ...]
+    value_sizes: tuple[int, ...]
+    startup_entries: int
+
+
+FULL = Mode("full", 3, 3, 1, (1, 16, 64), (100, 10240), 1_000_000)
+QUICK = Mode("quick", 1, 1, 1, (64,), (100,), 20_000)
+
+# kind -> target server; value sizes it runs with (None: every size)
+KIND_TARGETS: dict[str, tuple[str, tuple[int, ...] | None]] = {
+    "ceiling GET": ("ceiling-{size}", None),
+    "ceiling POST": ("ceiling-{size}", None),
+    "GET hit": ("dache-memory", None),
+    "GET hit, metrics on": ("dache-metrics", (100,)),
+    "GET miss": ("dache-memory", (100,)),
+    "SET memory": ("dache-memory", None),
+    "SET disk": ("dache-disk", None),
+    "SET postgres": ("dache-postgres", None),
+    "DELETE": ("dache-memory", (100,)),
+    "90/10 mix": ("dache-memory", None),
+    "etcd range": ("etcd", None),
+    "etcd put": ("etcd", None),
+}
+
+
+def has_setting(env: str) -> bool:
+    return any(s.env == env for s in SETTINGS)
+
+
+@dataclass
+class Bench:
+    mode: Mode
+    workdir: str
+    servers: dict[str, Server] = field(default_factory=dict)
+    missing: dict[str, str] = field(default_factory=dict)  # kind -> why
+    samples: dict[tuple[str, int, int], list[Sample]] = field(default_factory=dict)
+    only: set[str] | None = None  # scenario kinds to run (None: all)
+
+    # -- servers
+
+    def factories(self) -> dict[str, Callable[[], Server] | str]:
+        """Target name -> a server factory, or why the target is not available."""
+        metrics_off = {"METRICS": "false"} if has_setting("METRICS") else {}
+        targets: dict[str, Callable[[], Server] | str] = {
+            "dache-memory": lambda: dache(
+                "dache-memory", {"DURABILITY_ENGINE": "memory", **metrics_off}
+            ),
+            "etcd": lambda: Etcd(tempfile.mkdtemp(prefix="etcd-", dir=self.workdir)),
+        }
+        for size in self.mode.value_sizes:
+            targets[f"ceiling-{size}"] = lambda size=size: ceiling(size)
+        if has_setting("METRICS"):
+            targets["dache-metrics"] = lambda: dache(
+                "dache-metrics", {"DURABILITY_ENGINE": "memory", "METRICS": "true"}
+            )
+        else:
+            targets["dache-metrics"] = "no METRICS setting in dache.config yet"
+        if "disk" in REGISTRY:
+            targets["dache-disk"] = lambda: dache("dache-disk", startup.disk_env(self.workdir))
+        else:
+            targets["dache-disk"] = "no disk engine in dache.engines.REGISTRY yet"
+        if "postgres" in REGISTRY:
+            targets["dache-postgres"] = lambda: dache(
+                "dache-postgres", startup.postgres_env(self.workdir)
+            )
+        else:
+            targets["dache-postgres"] = "no postgres engine in dache.engines.REGISTRY yet"
+        return targets
+
+    def scenarios(self) -> list[Scenario]:
+        factories = self.factories()
+        chosen = []
+        for kind, (target, sizes) in KIND_TARGETS.items():
+            if self.only is not None and kind not in self.only:
+                continue
+            for size in self.mode.value_sizes:
+                if sizes is not None and size not in sizes:
+                    continue
+                name = target.format(size=size)
+                if isinstance(factories[name], str):
+                    self.missing[kind] = factories[name]
+                    continue
+                for connections in self.mode.connections:
+                    chosen.append(Scenario(kind, name, connections, size))
+        # Side by side: each (connections, size) group runs together, ceiling first.
+        order = list(KIND_TARGETS)
+        chosen.sort(key=lambda s: (s.connections, s.value_bytes, order.index(s.kind)))
+        return chosen
+
+    def start(self, names: set[str]) -> None:
+        factories = self.factories()
+        for name in sorted(names):
+            factory = factories[name]
+            assert callable(factory)
+            log(f"starting {name}")
+            self.servers[name] = factory().start()
+        for name, server in self.servers.items():
+            if name.startswith("dache-"):
+                preload_dache(server, self.mode.value_sizes)
+            elif name == "etcd":
+                preload_etcd(server, self.mode.value_sizes)
+
+    def stop(self) -> None:
+        for server in self.servers.values():
+            server.stop()
+
+    # -- load
+
+    def run(self) -> None:
+        scenarios = self.scenarios()
+        self.start({s.target for s in scenarios})
+        files = {s.key: write_request_file(self.workdir, s.kind, s.value_bytes) for s in scenarios}
+        mode = self.mode
+        for round_number in range(1, mode.rounds + 1):
+            for scenario in scenarios:
+                server = self.servers[scenario.target]
+                path = files[scenario.key]
+                run_wrk(server.url, path, scenario.connections, mode.warmup)
+                sample = run_wrk(server.url, path, scenario.connections, mode.seconds, server.pid)
+                self.samples.setdefault(scenario.key, []).append(sample)
+                log(
+                    f"round {round_number}/{mode.rounds} {scenario.name:32} "
+                    f"{sample.rps:9.0f} req/s  p50 {sample.p50_ms:7.2f} ms  "
+                    f"p99 {sample.p99_ms:7.2f} ms  cpu {sample.cpu_us or 0:6.1f} us/req"
+                    + (f"  non-2xx {sample.non2xx}" if sample.non2xx else "")
+                    + (f"  errors {sample.errors}" if sample.errors else "")
+                )
+
+    def rss(self) -> dict[str, int]:
+        return {name: server.rss_bytes() for name, server in self.servers.items()}
+
+
+def preload_dache(server: Server, sizes: tuple[int, ...]) -> None:
+    """The keys GET hit and the mix read: KEYS per value size."""
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    try:
+        for size in sizes:
+            body = set_body(size).encode()
+            for i in range(KEYS):
+                connection.request(
+                    "POST", f"/dache/{hit_key(size, i)}", body, {"Content-Type": JSON}
+                )
+                response = connection.getresponse()
+                response.read()
+                if response.status != 204:
+                    raise RuntimeError(f"{server.name}: preload answered {response.status}")
+    finally:
+        connection.close()
+
+
+def preload_etcd(server: Server, sizes: tuple[int, ...]) -> None:
+    from bench.scenarios import etcd_put_body
+
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    try:
+        for size in sizes:
+            for i in range(KEYS):
+                body = etcd_put_body(hit_key(size, i), size).encode()
+                connection.request("POST", "/v3/kv/put", body, {"Content-Type": JSON})
+                response = connection.getresponse()
+                response.read()
+                if response.status != 200:
+                    raise RuntimeError(f"etcd: preload answered {response.status}")
+    finally:
+        connection.close()
+
+
+JSON = "application/json"
+
+
+def log(message: str) -> None:
+    sys.stdout.write(f"[bench {time.strftime('%H:%M:%S')}] {message}\n")
+    sys.stdout.flush()
+
+
+def median_sample(samples: list[Sample]) -> Sample:
+    return Sample(
+        rps=statistics.median(s.rps for s in samples),
+        p50_ms=statistics.median(s.p50_ms for s in samples),
+        p99_ms=statistics.median(s.p99_ms for s in samples),
+        requests=sum(s.requests for s in samples),
+        non2xx=sum(s.non2xx for s in samples),
+        errors=sum(s.errors for s in samples),
+        cpu_us=statistics.median(s.cpu_us for s in samples if s.cpu_us is not None)
+        if any(s.cpu_us is not None for s in samples)
+        else None,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="dache benchmarks (see bench/RESULTS.md)")
+    parser.add_argument("--quick", action="store_true", help="a smoke run, under a minute")
+    parser.add_argument(
+        "--out", default=HERE, help="directory for RESULTS.md and results.png (default: bench/)"
+    )
+    parser.add_argument(
+        "--no-startup", action="store_true", help="skip the start-up load measurement"
+    )
+    parser.add_argument("--only", help="comma-separated scenario kinds, e.g. 'GET hit,ceiling GET'")
+    parser.add_argument("--rounds", type=int, help="override the mode's rounds")
+    parser.add_argument("--seconds", type=int, help="override the mode's seconds per run")
+    args = parser.parse_args(argv)
+    mode = QUICK if args.quick else FULL
+    if args.rounds or args.seconds:
+        mode = dataclasses.replace(
+            mode, rounds=args.rounds or mode.rounds, seconds=args.seconds or mode.seconds
+        )
+    command = "make bench" + (" QUICK=1" if args.quick else "")
+
+    began = time.monotonic()
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="dache-bench-") as workdir:
+        bench = Bench(mode, workdir, only=set(args.only.split(",")) if args.only else None)
+        try:
+            startup.prepare(workdir)
+            bench.run()
+            rss = bench.rss()
+        finally:
+            bench.stop()
+        startups = [] if args.no_startup else startup.measure_all(workdir, mode.startup_entries)
+        startup.cleanup()
+    load_after = os.getloadavg()
+
+    medians = {key: median_sample(samples) for key, samples in bench.samples.items()}
+    context = report.Context(
+        command=command,
+        mode=mode.name,
+        rounds=mode.rounds,
+        seconds=mode.seconds,
+        warmup=mode.warmup,
+        load_before=load_before,
+        load_after=load_after,
+        elapsed=time.monotonic() - began,
+        machine=f"{os.cpu_count()} cores, Python {platform.python_version()}, {platform.machine()}",
+    )
+    scenarios = bench.scenarios()
+    text = report.markdown(context, scenarios, medians, bench.samples, bench.missing, startups, rss)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "RESULTS.md"), "w") as f:
+        f.write(text)
+    report.chart(scenarios, medians, os.path.join(args.out, "results.png"))
+    sys.stdout.write("\n" + report.targets_text(scenarios, medians, startups) + "\n")
+    log(f"wrote {os.path.join(args.out, 'RESULTS.md')} in {time.monotonic() - began:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
