@@ -23,7 +23,9 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from dache import systemd
 from dache.api import DacheAPI
+from dache.auth import Access
 from dache.cache import Cache
 from dache.committer import Committer
 from dache.config import Config, ConfigError
@@ -46,7 +48,7 @@ def validate_endpoint(config: Config, reactor: Any) -> None:
     description = endpoint_description(config)
     try:
         endpoints.serverFromString(reactor, description)
-    except (ValueError, TypeError, KeyError) as e:
+    except Exception as e:  # also OSError, OpenSSL's Error: an ssl: key or cert it can't load
         raise ConfigError(f"--listen/LISTEN is not a valid server endpoint ({e})") from None
 
 
@@ -70,9 +72,13 @@ class DacheService(service.Service):
         self._sweeper: LoopingCall | None = None
         self._starting: Deferred[None] | None = None
         self.ready: Deferred[None] = Deferred()  # fires once listening
+        self.systemd: systemd.SystemdNotifier | None = None
 
     def startService(self) -> None:
         super().startService()
+        self.systemd = systemd.SystemdNotifier.from_environ(self.reactor)
+        if self.systemd is not None:  # READY=1 once self.ready fires
+            self.systemd.follow(self)
         self._starting = self._start()
         self._starting.addErrback(self._start_failed)
 
@@ -108,12 +114,15 @@ class DacheService(service.Service):
             reactor,
             max_key_bytes=config.max_key_bytes,
             max_value_bytes=config.max_value_bytes,
+            access=Access.from_config(config),
         )
         self.site = DacheSite(
             self.api.resource(),
             max_body_bytes=config.max_value_bytes,
             access_log=config.access_log,
             redact_keys=config.logging_redact_keys,
+            timeout=config.idle_timeout,
+            request_timeout=config.request_timeout,
         )
         endpoint = endpoints.serverFromString(reactor, endpoint_description(config))
         self.port = yield endpoint.listen(self.site)
@@ -143,6 +152,8 @@ class DacheService(service.Service):
     @inlineCallbacks
     def stopService(self) -> Any:
         super().stopService()
+        if self.systemd is not None:
+            self.systemd.stopping()
         if self._starting is not None and not self._starting.called:
             self._starting.cancel()
         if self.port is not None:

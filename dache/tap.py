@@ -10,8 +10,8 @@ import os
 import sys
 from typing import Any
 
+from dache import auth, service
 from dache import config as _config
-from dache import service
 
 Options = _config.Options
 
@@ -19,6 +19,7 @@ Options = _config.Options
 def makeService(options: Any) -> service.DacheService:
     try:
         config = _config.resolve(options, os.environ)
+        config = auth.read_token_files(config)
         service.validate_endpoint(config, _reactor())
     except _config.ConfigError as e:
         sys.stderr.write(f"dache: configuration error: {e}\n")
