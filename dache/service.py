@@ -154,6 +154,11 @@ class DacheService(service.Service):
         if self.engine is not None:
             yield self.engine.close()
         self.log.info("dache stopped")
+        # twistd re-raises the signal that stopped the reactor once it is done
+        # (so the exit status would be "killed by SIGTERM"); a clean shutdown
+        # exits 0, as process supervisors expect.
+        if getattr(self.reactor, "_exitSignal", None) is not None:
+            self.reactor._exitSignal = None
 
 
 def _describe(port: Any) -> str:
