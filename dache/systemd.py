@@ -26,6 +26,8 @@ from typing import Any
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+NOTIFY_VARIABLES = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+
 
 def notify_address(environ: Mapping[str, str]) -> str | None:
     """The address of $NOTIFY_SOCKET as socket.sendto takes it, or None."""
@@ -66,8 +68,16 @@ class SystemdNotifier:
     def from_environ(
         cls, clock: Any, environ: Mapping[str, str] | None = None
     ) -> SystemdNotifier | None:
-        """A notifier if systemd asked for notifications, else None."""
-        environ = os.environ if environ is None else environ
+        """
+        A notifier if systemd asked for notifications, else None. Reading the
+        process environment also removes these variables from it (as
+        sd_notify's unset_environment does), so WORKERS never inherit them:
+        systemd listens to the main process only.
+        """
+        if environ is None:
+            environ = {
+                name: os.environ.pop(name) for name in NOTIFY_VARIABLES if name in os.environ
+            }
         address = notify_address(environ)
         if address is None:
             return None

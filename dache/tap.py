@@ -12,6 +12,7 @@ from typing import Any
 
 from dache import auth, service
 from dache import config as _config
+from dache.workers import is_worker
 
 Options = _config.Options
 
@@ -20,7 +21,8 @@ def makeService(options: Any) -> service.DacheService:
     try:
         config = _config.resolve(options, os.environ)
         config = auth.read_token_files(config)
-        service.validate_endpoint(config, _reactor())
+        if not is_worker():  # a worker adopts its supervisor's socket instead
+            service.validate_endpoint(config, _reactor())
     except _config.ConfigError as e:
         sys.stderr.write(f"dache: configuration error: {e}\n")
         sys.stderr.flush()
