@@ -60,14 +60,14 @@ def per_request_us(
     transport = StringTransport(hostAddress=ADDRESS, peerAddress=ADDRESS)
     channel.makeConnection(transport)
     data_received = channel.dataReceived
-    began = time.perf_counter()
+    began = time.process_time()
     for i in range(count):
         data_received(request)
         if i & 1023 == 0:
             transport.clear()
     transport.clear()
     data_received(request)
-    elapsed = time.perf_counter() - began
+    elapsed = time.process_time() - began
     if not transport.value().startswith(b"HTTP/1.1 " + status):
         raise RuntimeError(f"unexpected answer: {transport.value()[:200]!r}")
     channel.connectionLost(None)
@@ -95,8 +95,11 @@ def main(argv: list[str] | None = None) -> int:
             cost = per_request_us(site, request, args.requests, clock, status)
             best[name] = min(best.get(name, cost), cost)
     for name, cost in best.items():
-        ceiling = best["ceiling POST" if name in ("SET memory", "DELETE") else "ceiling GET"]
-        print(f"{name:14} {cost:7.2f} us/request  ({ceiling / cost:.2f}x the ceiling's rate)")
+        line = f"{name:14} {cost:7.2f} us/request"
+        if not name.startswith("ceiling"):
+            ceiling = best["ceiling POST" if name in ("SET memory", "DELETE") else "ceiling GET"]
+            line += f"  ({ceiling / cost:.2f}x the ceiling's rate)"
+        print(line)
     return 0
 
 
