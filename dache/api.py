@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from functools import lru_cache
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
@@ -29,6 +30,7 @@ from dache.engines import ANY, Change, EngineUnavailable, PreconditionFailed
 
 KEY_PREFIX = b"/dache/"
 WRITE_FIELDS = ("value", "expiry", "ttl")
+_WRITE_FIELD_SET = frozenset(WRITE_FIELDS)
 # Latest expiry accepted: the end of year 9999 UTC, which every engine can store.
 MAX_EXPIRY = 253402300799.0
 JSON = b"application/json"
@@ -43,12 +45,17 @@ class APIError(Exception):
         self.message = message
 
 
+@lru_cache(maxsize=256)  # most messages repeat ("key not found"): render each once
 def error_body(message: str) -> bytes:
     return render_json({"error": message})
 
 
 def _reject_constant(name: str) -> None:
     raise APIError(400, f"body is not valid JSON: {name} is not a JSON number")
+
+
+# One decoder for every body (json.loads with an argument builds a new one per call).
+_decode_json = json.JSONDecoder(parse_constant=_reject_constant).decode
 
 
 def parse_key(path: bytes, max_key_bytes: int) -> str:
@@ -113,15 +120,15 @@ def parse_write(body: bytes, key: str, now: float) -> Change:
     except UnicodeDecodeError:
         raise APIError(400, "body is not valid UTF-8")
     try:
-        document = json.loads(text, parse_constant=_reject_constant)
+        document = _decode_json(text)
     except json.JSONDecodeError as e:
         raise APIError(400, f"body is not valid JSON: {e}")
     except RecursionError:
         raise APIError(400, "body is not valid JSON: nested too deeply")
     if not isinstance(document, dict):
         raise APIError(400, 'body must be a JSON object like {"value": ...}')
-    unknown = [name for name in document if name not in WRITE_FIELDS]
-    if unknown:
+    if not _WRITE_FIELD_SET.issuperset(document):
+        unknown = [name for name in document if name not in WRITE_FIELDS]
         raise APIError(
             400, f'unknown field "{unknown[0]}"; accepted fields: ' + ", ".join(WRITE_FIELDS)
         )
@@ -197,17 +204,25 @@ class DacheAPI:
 
     @app.route("/dache/<path:_key>", methods=["POST", "PUT"])
     def set(self, request: IRequest, _key: str) -> Deferred[bytes]:
+        return self._commit(request, self.set_change(request))
+
+    @app.route("/dache/<path:_key>", methods=["DELETE"])
+    def delete(self, request: IRequest, _key: str) -> Deferred[bytes]:
+        return self._commit(request, self.delete_change(request))
+
+    # The changes a write asks for; DacheResource commits them itself.
+
+    def set_change(self, request: IRequest, _key: object = None) -> Change:
         key = parse_key(request.path, self.max_key_bytes)
         body = request.content.read() if request.content is not None else b""
         if len(body) > self.max_value_bytes:
             raise APIError(413, f"body is over the {self.max_value_bytes}-byte limit")
         change = parse_write(body, key, self.clock.seconds())
-        return self._commit(request, apply_preconditions(request, change))
+        return apply_preconditions(request, change)
 
-    @app.route("/dache/<path:_key>", methods=["DELETE"])
-    def delete(self, request: IRequest, _key: str) -> Deferred[bytes]:
+    def delete_change(self, request: IRequest, _key: object = None) -> Change:
         key = parse_key(request.path, self.max_key_bytes)
-        return self._commit(request, apply_preconditions(request, Change.delete(key)))
+        return apply_preconditions(request, Change.delete(key))
 
     @app.route("/health", methods=["GET", "HEAD"])
     def health(self, request: IRequest) -> bytes:
@@ -285,14 +300,18 @@ DacheAPI.app.url_map.strict_slashes = False
 
 class DacheResource(Resource):
     """
-    The root resource. Requests for /dache/<key> with a method in KEY_METHODS
-    go straight to the API's handlers; everything else (and every error path
-    those handlers raise into Klein's handlers) goes through the Klein app.
+    The root resource. Requests for /dache/<key> with a method in key_methods
+    go straight to the API's handlers; everything else goes through the Klein
+    app.
 
     Why: Klein binds a werkzeug URL map and matches rules on every request,
     which costs more than the whole GET of an entry. The key routes are still
     declared in the Klein app, with the same handlers, so there is one route
-    table; this only skips the matching for the hot ones.
+    table; this only skips the matching for the hot ones. Writes take the
+    change from the same handlers and are answered from one callback pair on
+    the committer's Deferred (each callback added to a Deferred that already
+    fired runs Twisted's callback loop again: three of them cost more than the
+    memory engine's whole write).
     """
 
     isLeaf = True
@@ -305,9 +324,9 @@ class DacheResource(Resource):
         self.key_methods = {
             b"GET": api.get,
             b"HEAD": api.get,
-            b"POST": api.set,
-            b"PUT": api.set,
-            b"DELETE": api.delete,
+            b"POST": api.set_change,
+            b"PUT": api.set_change,
+            b"DELETE": api.delete_change,
         }
 
     def render(self, request: IRequest) -> bytes | int:
@@ -324,14 +343,25 @@ class DacheResource(Resource):
             return self.api._error(request, e.status, e.message)
         except Exception:
             return self.api.unexpected(request, Failure())
-        if isinstance(result, Deferred):
-            result.addCallback(_finish, request)
-            result.addErrback(self._finish_failed, request)
+        if isinstance(result, Change):
+            d = self.api.committer.submit(result)
+            d.addCallbacks(self._written, self._write_failed, (request,), None, (request,))
             return NOT_DONE_YET
         return result
 
-    def _finish_failed(self, failure: Failure, request: IRequest) -> None:
-        _finish(self.api.unexpected(request, failure), request)
+    def _written(self, revision: int, request: IRequest) -> None:
+        try:
+            body = self.api._acknowledged(revision, request)
+        except Exception:
+            body = self.api.unexpected(request, Failure())
+        _finish(body, request)
+
+    def _write_failed(self, failure: Failure, request: IRequest) -> None:
+        try:
+            body = self.api._write_failed(failure, request)
+        except Exception:
+            body = self.api.unexpected(request, Failure())
+        _finish(body, request)
 
 
 def _finish(body: bytes | None, request: IRequest) -> None:

@@ -82,7 +82,8 @@ class Committer:
         batch = self._queued
         if batch is None:
             batch = self._queued = _Batch()
-            batch.timer = self.clock.callLater(self.write_timeout, self._timed_out, batch)
+            if self._in_flight is not None:  # it waits for the engine: bound that now
+                self._start_timer(batch)
         d: Deferred[int] = Deferred()
         batch.changes.append(change)
         batch.waiters.append(d)
@@ -110,7 +111,9 @@ class Committer:
         self._queued = None
         self._in_flight = batch
         batch.in_flight = True
-        if not getattr(self.engine, "decides_preconditions", False):
+        if not getattr(self.engine, "decides_preconditions", False) and any(
+            change.conditional for change in batch.changes
+        ):
             self._check_preconditions(batch)
             if not batch.changes:
                 self._answer(batch)
@@ -121,9 +124,21 @@ class Committer:
             change.revision = self.revision
         started = self.clock.seconds()
         d = maybeDeferred(self.engine.write, batch.changes)
+        if not d.called and batch.timer is None:
+            # Only a write still pending needs a timer (the memory engine's
+            # never is): a timer per write costs a DelayedCall and its cancel.
+            self._start_timer(batch)
         d.addCallbacks(
             self._written, self._failed, callbackArgs=(batch, started), errbackArgs=(batch,)
         )
+
+    def _start_timer(self, batch: _Batch) -> None:
+        batch.timer = self.clock.callLater(self.write_timeout, self._timed_out, batch)
+
+    @staticmethod
+    def _stop_timer(batch: _Batch) -> None:
+        if batch.timer is not None and batch.timer.active():
+            batch.timer.cancel()
 
     def _check_preconditions(self, batch: _Batch) -> None:
         """
@@ -154,8 +169,7 @@ class Committer:
         batch.changes, batch.waiters = kept_changes, kept_waiters
 
     def _written(self, _: object, batch: _Batch, started: float) -> None:
-        if batch.timer.active():
-            batch.timer.cancel()
+        self._stop_timer(batch)
         cache = self.cache
         for change in batch.changes:
             if change.rejected:
@@ -179,8 +193,7 @@ class Committer:
         if batch.answered:
             return
         batch.answered = True
-        if batch.timer.active():
-            batch.timer.cancel()
+        self._stop_timer(batch)
         for change, waiter in zip(batch.changes, batch.waiters, strict=True):
             if change.rejected:
                 waiter.errback(Failure(PreconditionFailed(change.revision or None)))
@@ -188,8 +201,7 @@ class Committer:
                 waiter.callback(change.revision)
 
     def _failed(self, failure: Failure, batch: _Batch) -> None:
-        if batch.timer.active():
-            batch.timer.cancel()
+        self._stop_timer(batch)
         error = failure.value
         if not isinstance(error, EngineUnavailable):
             self.log.failure("durability engine failed a write unexpectedly", failure)
