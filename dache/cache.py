@@ -17,6 +17,16 @@ import json
 from collections.abc import Iterator
 
 _DUMPS = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
+# What _DUMPS does for a str, without its Python layer (a million keys at load).
+_encode_str = json.encoder.encode_basestring
+
+
+def render_key(key: str) -> bytes:
+    """A key as a JSON string, UTF-8: render_json(key), faster."""
+    try:
+        return _encode_str(key).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("contains a lone UTF-16 surrogate, which is not valid Unicode")
 
 
 def render_json(value: object) -> bytes:
@@ -51,10 +61,10 @@ class Entry:
     def render(
         cls, key_json: bytes, value_json: bytes, expiry: float | None, revision: int
     ) -> Entry:
-        head = b'{"key":' + key_json
-        if expiry is not None:
-            head += b',"expiry":' + render_json(expiry)
-        head += b',"value":'
+        if expiry is None:  # one formatting, no intermediate bytes
+            body = b'{"key":%b,"value":%b}' % (key_json, value_json)
+            return cls(body, len(key_json) + 16, None, revision)  # 16: {"key": ,"value":
+        head = b'{"key":%b,"expiry":%b,"value":' % (key_json, render_json(expiry))
         return cls(head + value_json + b"}", len(head), expiry, revision)
 
 
@@ -100,7 +110,7 @@ class Cache:
         key_json: bytes | None = None,
     ) -> Entry:
         if key_json is None:
-            key_json = render_json(key)
+            key_json = render_key(key)
         entry = Entry.render(key_json, value_json, expiry, revision)
         old = self._entries.get(key)
         if old is not None:

@@ -24,7 +24,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from dache import systemd
+from dache import gcpolicy, systemd
 from dache.api import DacheAPI
 from dache.auth import Access
 from dache.cache import Cache
@@ -93,8 +93,12 @@ class DacheService(service.Service):
         self.log.info("engine: {engine}", engine=self.engine.name)
 
         began = time.monotonic()
-        yield self.engine.load(self._apply_loaded)
-        self.cache.expire(reactor.seconds())
+        gcpolicy.pause()  # see dache.gcpolicy: the load makes no cycles
+        try:
+            yield self.engine.load(self._apply_loaded)
+            self.cache.expire(reactor.seconds())
+        finally:
+            gcpolicy.settle()
         self.log.info(
             "loaded {count} entries in {seconds:.3f}s",
             count=len(self.cache),
