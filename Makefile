@@ -36,7 +36,10 @@ lint:
 	$(BIN)/ruff check --fix dache tests bench twisted
 	$(BIN)/ruff format dache tests bench twisted
 
-bench: install
+# wrk and etcd come from Debian packages (installed when missing); PostgreSQL
+# for the postgres engine's scenarios. QUICK=1: a smoke run under a minute.
+bench: install postgres-bin
+	@sh bench/ensure-tools.sh
 	$(BIN)/python -m bench.run $(if $(QUICK),--quick,)
 
 clean:

@@ -26,6 +26,8 @@ setup(
         ],
         "bench": [
             "matplotlib>=3.8",
+            "py-spy>=0.3",  # bench.profile: sampling profiles of a server under load
+            "pyinstrument>=4.6",
         ],
     },
     classifiers=[

@@ -48,6 +48,14 @@ def ratio(medians: Mapping[Key, Sample], key: Key, other: Key) -> float | None:
     return a.rps / b.rps
 
 
+def cpu_ratio(medians: Mapping[Key, Sample], key: Key, other: Key) -> float | None:
+    """other's server CPU per request over key's: a throughput ratio noise barely moves."""
+    a, b = medians.get(key), medians.get(other)
+    if a is None or b is None or not a.cpu_us or not b.cpu_us:
+        return None
+    return b.cpu_us / a.cpu_us
+
+
 def _fmt(value: float | None, digits: int = 2, suffix: str = "×") -> str:
     return "–" if value is None else f"{value:.{digits}f}{suffix}"
 
@@ -158,7 +166,10 @@ def markdown(
         "compare figures from this same run: `× ceiling` is against the bare "
         "twisted.web resource (bench/ceiling.py) for the same method, connections and "
         "value size; `× etcd` against etcd's v3 JSON gateway (put for durable sets, "
-        "range for GET).\n"
+        "range for GET). `CPU µs/req` is the server process's user + system CPU time "
+        "per request (all threads; from /proc), and `× ceiling by CPU` the ceiling's "
+        "CPU per request over this one's: on a shared machine it moves far less than "
+        "req/s, so it tells whether a ratio is the code or the neighbours.\n"
     )
     noise = [
         _spread(samples[k])
@@ -187,17 +198,17 @@ def markdown(
 
     w("## Throughput and latency\n")
     w(
-        "| scenario | conns | value | req/s | p50 ms | p99 ms | p99/p50 "
-        "| × ceiling | × etcd | notes |"
+        "| scenario | conns | value | req/s | p50 ms | p99 ms | p99/p50 | CPU µs/req "
+        "| × ceiling | × ceiling by CPU | × etcd | notes |"
     )
-    w("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    w("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for s in scenarios:
         m = medians.get(s.key)
         if m is None:
             continue
-        vs_ceiling = (
-            ratio(medians, s.key, s.counterpart(s.ceiling_kind)) if s.ceiling_kind else None
-        )
+        ceiling_key = s.counterpart(s.ceiling_kind) if s.ceiling_kind else None
+        vs_ceiling = ratio(medians, s.key, ceiling_key) if ceiling_key else None
+        vs_ceiling_cpu = cpu_ratio(medians, s.key, ceiling_key) if ceiling_key else None
         peer = PEERS.get(s.kind)
         vs_etcd = ratio(medians, s.key, s.counterpart(peer)) if peer else None
         notes = []
@@ -213,7 +224,8 @@ def markdown(
         size = f"{s.value_bytes // 1024} KiB" if s.value_bytes >= 1024 else f"{s.value_bytes} B"
         w(
             f"| {s.kind} | {s.connections} | {size} | {m.rps:,.0f} | {m.p50_ms:.2f} | "
-            f"{m.p99_ms:.2f} | {m.p99_ms / m.p50_ms:.1f} | {_fmt(vs_ceiling)} | "
+            f"{m.p99_ms:.2f} | {m.p99_ms / m.p50_ms:.1f} | {_fmt(m.cpu_us, 1, '')} | "
+            f"{_fmt(vs_ceiling)} | {_fmt(vs_ceiling_cpu)} | "
             f"{_fmt(vs_etcd)} | {', '.join(notes)} |"
         )
     w("")

@@ -76,11 +76,12 @@ def prepare(workdir: str) -> None:
         _cluster = start_cluster(workdir)
 
 
-def postgres_env(workdir: str, database: str | None = None) -> dict[str, str]:
+def postgres_env(workdir: str) -> dict[str, str]:
+    """A new, empty database on the cluster prepare() started."""
     from bench.postgres import database_env
 
     assert _cluster is not None, "prepare() starts the cluster first"
-    return database_env(_cluster, database)
+    return database_env(_cluster)
 
 
 def cleanup() -> None:
@@ -103,7 +104,7 @@ def engine_envs(engine: str, workdir: str) -> tuple[dict[str, str], dict[str, st
     """Two environments of `engine` on separate, empty stores: (empty, full)."""
     if engine == "disk":
         return disk_env(workdir), disk_env(workdir)
-    return postgres_env(workdir, "bench_empty"), postgres_env(workdir, "bench_full")
+    return postgres_env(workdir), postgres_env(workdir)
 
 
 def measure(engine: str, workdir: str, entries: int) -> Startup:
