@@ -1,0 +1,209 @@
+"""
+What the hot path's shortcuts must not change: a write answered from the
+committer's Deferred still gets its ETag, 412 and 503; the request deadline
+kept with one timer per connection still gives every request its own full
+time; a write that completes at once leaves no timer behind; the load leaves
+the garbage collector on. Plus the benchmark's own pieces that are not timed:
+the ceiling's answers, the replayed request files and the target arithmetic.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from bench.ceiling import CeilingResource, CeilingSite, constant_body
+from bench.load import Sample
+from bench.report import targets
+from bench.scenarios import KINDS, request_lines
+from dache.cache import Cache
+from dache.committer import Committer
+from dache.config import default_config
+from dache.engines import Change, EngineUnavailable
+from dache.engines.memory import MemoryEngine
+from dache.http import DacheSite
+from dache.service import DacheService
+from dache.testing import MemoryNode
+from tests.engines import FailingEngine, HeldEngine
+
+ADDRESS = IPv4Address("TCP", "127.0.0.1", 50000)
+
+
+def connect(site) -> StringTransport:
+    channel = site.buildProtocol(ADDRESS)
+    transport = StringTransport(peerAddress=ADDRESS, hostAddress=ADDRESS)
+    channel.makeConnection(transport)
+    transport.protocol = channel
+    return transport
+
+
+def post(path: str, body: bytes, headers: bytes = b"") -> bytes:
+    return (
+        b"POST %s HTTP/1.1\r\nHost: dache\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n%s\r\n%s" % (path, len(body), headers, body)
+    )
+
+
+# -- writes answered by DacheResource from one callback pair
+
+
+def test_a_write_answers_204_with_its_etag_then_reads_back():
+    node = MemoryNode()
+    site = DacheSite(node.api.resource(), reactor=node.clock)
+    transport = connect(site)
+    transport.protocol.dataReceived(post(b"/dache/k", b'{"value": [1, 2]}'))
+    answer = transport.value()
+    assert answer.startswith(b"HTTP/1.1 204 No Content\r\n")
+    assert b'ETag: "1"' in answer
+    transport.clear()
+    transport.protocol.dataReceived(b"GET /dache/k HTTP/1.1\r\nHost: dache\r\n\r\n")
+    assert transport.value().endswith(b'{"key":"k","value":[1,2]}')
+
+
+def test_a_failed_precondition_and_a_down_engine_are_json_errors():
+    engine = FailingEngine()
+    node = MemoryNode(engine=engine)
+    transport = connect(DacheSite(node.api.resource(), reactor=node.clock))
+    transport.protocol.dataReceived(post(b"/dache/k", b'{"value": 1}', b'If-Match: "7"\r\n'))
+    answer = transport.value()
+    assert answer.startswith(b"HTTP/1.1 412 ")
+    assert json.loads(answer.partition(b"\r\n\r\n")[2]) == {
+        "error": "precondition failed: the key is absent"
+    }
+    transport.clear()
+    engine.down = "disk full"
+    transport.protocol.dataReceived(b"DELETE /dache/k HTTP/1.1\r\nHost: dache\r\n\r\n")
+    answer = transport.value()
+    assert answer.startswith(b"HTTP/1.1 503 ")
+    assert b"Retry-After: 1" in answer
+    assert json.loads(answer.partition(b"\r\n\r\n")[2]) == {"error": "disk full"}
+
+
+def test_a_client_gone_before_its_write_is_durable_gets_nothing_and_the_write_lands():
+    engine = HeldEngine()
+    node = MemoryNode(engine=engine)
+    transport = connect(DacheSite(node.api.resource(), reactor=node.clock))
+    transport.protocol.dataReceived(post(b"/dache/k", b'{"value": "late"}'))
+    transport.protocol.connectionLost(None)
+    engine.release()
+    assert transport.value() == b""
+    assert node.cache.get("k", node.clock.seconds()).value == "late"
+
+
+# -- the committer's timer
+
+
+def test_a_write_that_completes_at_once_leaves_no_timer():
+    clock = Clock()
+    committer = Committer(MemoryEngine(), Cache(), clock, write_timeout=2.0)
+    answers = []
+    committer.submit(Change.set("k", b"1")).addCallback(answers.append)
+    assert answers == [1]
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_pending_write_alone_still_times_out():
+    clock, engine = Clock(), HeldEngine()
+    committer = Committer(engine, Cache(), clock, write_timeout=2.0)
+    answers = []
+    committer.submit(Change.set("k", b"1")).addErrback(answers.append)
+    clock.advance(1.9)
+    assert answers == []
+    clock.advance(0.1)
+    assert answers[0].check(EngineUnavailable)
+
+
+# -- one request-deadline timer per connection
+
+
+def test_a_later_request_gets_its_full_deadline_from_its_own_first_byte():
+    clock = Clock()
+    node = MemoryNode(clock=clock)
+    site = DacheSite(node.api.resource(), timeout=100, request_timeout=3.0, reactor=clock)
+    transport = connect(site)
+    send = transport.protocol.dataReceived
+    send(b"GET /dache/a HTTP/1.1\r\nHost: dache\r\n\r\n")  # arms the timer at t=0
+    clock.advance(2.5)
+    head = b"POST /dache/k HTTP/1.1\r\nHost: dache\r\nContent-Length: 12\r\n\r\n"
+    send(head)  # a new request at t=2.5: its deadline is t=5.5, not t=3
+    clock.advance(2.9)
+    assert not transport.disconnecting
+    send(b'{"value":1}\n')
+    assert transport.value().count(b"HTTP/1.1 ") == 2
+    assert b" 204 " in transport.value()
+    clock.advance(0.2)  # past 5.5, but no request is being received: nothing happens
+    assert not transport.disconnecting
+    transport.clear()
+    send(head)
+    clock.advance(3.0)
+    assert transport.disconnecting
+    assert transport.value().startswith(b"HTTP/1.1 408 ")
+
+
+# -- the garbage collector around the load
+
+
+@pytest_twisted.inlineCallbacks
+def test_the_collector_is_on_after_start_up():
+    service = DacheService(default_config(listen="tcp:0:interface=127.0.0.1"), reactor)
+    service.startService()
+    yield service.ready
+    try:
+        assert gc.isenabled()
+    finally:
+        yield service.stopService()
+
+
+# -- the benchmark's untimed pieces
+
+
+def test_the_ceiling_answers_a_constant_get_and_parses_a_post_into_a_dict():
+    site = CeilingSite(CeilingResource(constant_body(100)), parsePOSTFormSubmission=False)
+    transport = connect(site)
+    transport.protocol.dataReceived(b"GET /dache/x HTTP/1.1\r\nHost: c\r\n\r\n")
+    body = transport.value().partition(b"\r\n\r\n")[2]
+    assert json.loads(body) == {"key": "k", "value": "x" * 98}
+    transport.clear()
+    transport.protocol.dataReceived(post(b"/dache/x", b'{"value": 1}'))
+    assert transport.value().startswith(b"HTTP/1.1 204 ")
+    transport.clear()
+    transport.protocol.dataReceived(post(b"/dache/x", b"[1]"))
+    assert transport.value().startswith(b"HTTP/1.1 400 ")
+
+
+def test_every_replayed_request_is_one_well_formed_line():
+    for kind in KINDS:
+        for size in (100, 10240):
+            for method, path, body in request_lines(kind, size):
+                assert method in ("GET", "POST", "DELETE")
+                assert path.startswith("/") and "\t" not in path and "\n" not in body
+                if body:
+                    json.loads(body)
+
+
+def test_targets_are_ratios_of_the_same_run():
+    def sample(rps, p50=1.0, p99=2.0):
+        return Sample(rps=rps, p50_ms=p50, p99_ms=p99, requests=1, non2xx=0, errors=0)
+
+    medians = {
+        ("ceiling GET", 64, 100): sample(10_000),
+        ("GET hit", 64, 100): sample(9_500, p50=1.0, p99=3.5),
+        ("ceiling POST", 64, 100): sample(8_000),
+        ("SET memory", 64, 100): sample(6_000),
+        ("etcd range", 64, 100): sample(3_000),
+    }
+    rows = {t.what: t for t in targets(medians, [])}
+    assert (rows["GET hit / ceiling GET"].measured, rows["GET hit / ceiling GET"].status) == (
+        "0.95×",
+        "met",
+    )
+    assert rows["GET hit p99 / p50"].status == "NOT met"  # 3.5× > 3×
+    assert rows["SET memory / ceiling POST"].status == "NOT met"  # 0.75× < 0.8×
+    assert rows["GET hit / etcd range"].measured == "3.17×"
+    assert rows["SET disk / etcd put"].status.startswith("not measured")
