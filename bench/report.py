@@ -149,6 +149,7 @@ def markdown(
     missing: Mapping[str, str],
     startups: list[Startup],
     rss: Mapping[str, int],
+    profiles: Mapping[str, str] | None = None,
 ) -> str:
     out: list[str] = []
     w = out.append
@@ -268,6 +269,18 @@ def markdown(
             + ", ".join(f"{name} {_mib(value)} MiB" for name, value in sorted(rss.items()))
             + ".\n"
         )
+    if profiles:
+        w("## Profiles\n")
+        w(
+            "py-spy sampling dache at 400 Hz under 64 connections, 100 B values (`python -m "
+            "bench.profile --kind KIND` for more lines): the functions most often on top of "
+            "the stack (self) and anywhere on it (inclusive).\n"
+        )
+        for kind, text in profiles.items():
+            w(f"### {kind}\n")
+            w("```")
+            w(text)
+            w("```\n")
     w("![throughput and p99 latency per scenario](results.png)\n")
     return "\n".join(out)
 

@@ -52,7 +52,7 @@ KIND_TARGETS: dict[str, tuple[str, tuple[int, ...] | None]] = {
     "ceiling GET": ("ceiling-{size}", None),
     "ceiling POST": ("ceiling-{size}", None),
     "GET hit": ("dache-memory", None),
-    "GET hit, metrics on": ("dache-metrics", (100,)),
+    "GET hit, metrics off": ("dache-no-metrics", (100,)),
     "GET miss": ("dache-memory", (100,)),
     "SET memory": ("dache-memory", None),
     "SET disk": ("dache-disk", None),
@@ -81,21 +81,19 @@ class Bench:
 
     def factories(self) -> dict[str, Callable[[], Server] | str]:
         """Target name -> a server factory, or why the target is not available."""
-        metrics_off = {"METRICS": "false"} if has_setting("METRICS") else {}
+        # dache as configured by default (metrics on, if it has them), memory engine.
         targets: dict[str, Callable[[], Server] | str] = {
-            "dache-memory": lambda: dache(
-                "dache-memory", {"DURABILITY_ENGINE": "memory", **metrics_off}
-            ),
+            "dache-memory": lambda: dache("dache-memory", {"DURABILITY_ENGINE": "memory"}),
             "etcd": lambda: Etcd(tempfile.mkdtemp(prefix="etcd-", dir=self.workdir)),
         }
         for size in self.mode.value_sizes:
             targets[f"ceiling-{size}"] = lambda size=size: ceiling(size)
         if has_setting("METRICS"):
-            targets["dache-metrics"] = lambda: dache(
-                "dache-metrics", {"DURABILITY_ENGINE": "memory", "METRICS": "true"}
+            targets["dache-no-metrics"] = lambda: dache(
+                "dache-no-metrics", {"DURABILITY_ENGINE": "memory", "METRICS": "false"}
             )
         else:
-            targets["dache-metrics"] = "no METRICS setting in dache.config yet"
+            targets["dache-no-metrics"] = "no METRICS setting in dache.config yet"
         if "disk" in REGISTRY:
             targets["dache-disk"] = lambda: dache("dache-disk", startup.disk_env(self.workdir))
         else:
@@ -166,6 +164,31 @@ class Bench:
                     + (f"  non-2xx {sample.non2xx}" if sample.non2xx else "")
                     + (f"  errors {sample.errors}" if sample.errors else "")
                 )
+
+    def profile(self) -> dict[str, str]:
+        """py-spy's view of dache under GET hit and SET load: where the time goes."""
+        from bench.profile import profile_server, summarize
+
+        profiles = {}
+        for kind, target in (
+            ("GET hit", "dache-memory"),
+            ("SET memory", "dache-memory"),
+            ("SET disk", "dache-disk"),
+        ):
+            server = self.servers.get(target)
+            if server is None:
+                continue
+            log(f"profiling {kind} with py-spy")
+            try:
+                sample, folded = profile_server(server, kind, 64, 100, 8, self.workdir)
+            except Exception as e:  # noqa: BLE001 - a missing profile is reported, not fatal
+                profiles[kind] = f"no profile: {e}"
+                continue
+            profiles[kind] = (
+                f"{sample.rps:,.0f} req/s while sampled (py-spy slows it), "
+                f"{sample.cpu_us or 0:.1f} µs CPU/req\n" + summarize(folded, 15)
+            )
+        return profiles
 
     def rss(self) -> dict[str, int]:
         return {name: server.rss_bytes() for name, server in self.servers.items()}
@@ -240,6 +263,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", help="comma-separated scenario kinds, e.g. 'GET hit,ceiling GET'")
     parser.add_argument("--rounds", type=int, help="override the mode's rounds")
     parser.add_argument("--seconds", type=int, help="override the mode's seconds per run")
+    parser.add_argument(
+        "--profile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="profile GET and SET with py-spy (default: in full mode)",
+    )
     args = parser.parse_args(argv)
     mode = QUICK if args.quick else FULL
     if args.rounds or args.seconds:
@@ -256,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
             startup.prepare(workdir)
             bench.run()
             rss = bench.rss()
+            profile = args.profile if args.profile is not None else mode.name == "full"
+            profiles = bench.profile() if profile else {}
         finally:
             bench.stop()
         startups = [] if args.no_startup else startup.measure_all(workdir, mode.startup_entries)
@@ -275,7 +306,9 @@ def main(argv: list[str] | None = None) -> int:
         machine=f"{os.cpu_count()} cores, Python {platform.python_version()}, {platform.machine()}",
     )
     scenarios = bench.scenarios()
-    text = report.markdown(context, scenarios, medians, bench.samples, bench.missing, startups, rss)
+    text = report.markdown(
+        context, scenarios, medians, bench.samples, bench.missing, startups, rss, profiles
+    )
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "RESULTS.md"), "w") as f:
         f.write(text)

@@ -21,7 +21,7 @@ KINDS = {
     "ceiling GET": (None, True),
     "ceiling POST": (None, True),
     "GET hit": ("ceiling GET", True),
-    "GET hit, metrics on": ("ceiling GET", True),
+    "GET hit, metrics off": ("ceiling GET", True),
     "GET miss": ("ceiling GET", False),
     "SET memory": ("ceiling POST", True),
     "SET disk": ("ceiling POST", True),
@@ -96,7 +96,7 @@ def etcd_put_body(key: str, value_bytes: int) -> str:
 def request_lines(kind: str, value_bytes: int) -> list[tuple[str, str, str]]:
     """(method, path, body) for each request a scenario of `kind` replays."""
     n = value_bytes
-    if kind in ("ceiling GET", "GET hit", "GET hit, metrics on"):
+    if kind in ("ceiling GET", "GET hit", "GET hit, metrics off"):
         return [("GET", f"/dache/{hit_key(n, i)}", "") for i in range(KEYS)]
     if kind == "GET miss":
         return [("GET", f"/dache/missing-{i}", "") for i in range(KEYS)]

@@ -207,3 +207,22 @@ def test_targets_are_ratios_of_the_same_run():
     assert rows["SET memory / ceiling POST"].status == "NOT met"  # 0.75× < 0.8×
     assert rows["GET hit / etcd range"].measured == "3.17×"
     assert rows["SET disk / etcd put"].status.startswith("not measured")
+
+
+def test_string_values_read_back_as_canonical_json_with_or_without_escapes():
+    node = MemoryNode()
+    transport = connect(DacheSite(node.api.resource(), reactor=node.clock))
+    values = ["plain", "é 中文 🎉", 'quote" back\\slash', "tab\tnew\nline", "\u2028", "\x7f", ""]
+    for i, value in enumerate(values):
+        for ascii_only in (True, False):
+            body = json.dumps({"value": value}, ensure_ascii=ascii_only).encode()
+            transport.clear()
+            transport.protocol.dataReceived(post(b"/dache/k%d" % i, body))
+            assert b" 204 " in transport.value()
+            transport.clear()
+            transport.protocol.dataReceived(b"GET /dache/k%d HTTP/1.1\r\nHost: d\r\n\r\n" % i)
+            stored = transport.value().partition(b"\r\n\r\n")[2]
+            expected = {"key": f"k{i}", "value": value}
+            assert stored == json.dumps(expected, ensure_ascii=False, separators=(",", ":")).encode(
+                "utf-8"
+            )
