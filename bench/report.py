@@ -41,39 +41,68 @@ class Target:
     status: str  # "met", "NOT met", or why it could not be measured
 
 
-def ratio(medians: Mapping[Key, Sample], key: Key, other: Key) -> float | None:
-    a, b = medians.get(key), medians.get(other)
-    if a is None or b is None or b.rps == 0:
-        return None
-    return a.rps / b.rps
+def median_sample(samples: list[Sample]) -> Sample:
+    cpu = [s.cpu_us for s in samples if s.cpu_us is not None]
+    return Sample(
+        rps=statistics.median(s.rps for s in samples),
+        p50_ms=statistics.median(s.p50_ms for s in samples),
+        p99_ms=statistics.median(s.p99_ms for s in samples),
+        requests=sum(s.requests for s in samples),
+        non2xx=sum(s.non2xx for s in samples),
+        errors=sum(s.errors for s in samples),
+        cpu_us=statistics.median(cpu) if cpu else None,
+    )
 
 
-def cpu_ratio(medians: Mapping[Key, Sample], key: Key, other: Key) -> float | None:
-    """other's server CPU per request over key's: a throughput ratio noise barely moves."""
-    a, b = medians.get(key), medians.get(other)
-    if a is None or b is None or not a.cpu_us or not b.cpu_us:
-        return None
-    return b.cpu_us / a.cpu_us
+class Runs:
+    """
+    One run's samples: scenario key -> one Sample per round, in round order.
+    Figures are medians over the rounds; a ratio is the median of the ratios
+    of each round (whose two runs were seconds apart), so a slow minute on a
+    shared machine weighs on both sides of it.
+    """
+
+    def __init__(self, samples: Mapping[Key, list[Sample]]):
+        self.samples = samples
+        self.medians = {key: median_sample(rounds) for key, rounds in samples.items()}
+
+    def __contains__(self, key: Key) -> bool:
+        return key in self.medians
+
+    def get(self, key: Key) -> Sample | None:
+        return self.medians.get(key)
+
+    def ratio(self, key: Key, other: Key) -> float | None:
+        """key's req/s over other's."""
+        pairs = zip(self.samples.get(key, []), self.samples.get(other, []), strict=False)
+        ratios = [a.rps / b.rps for a, b in pairs if b.rps]
+        return statistics.median(ratios) if ratios else None
+
+    def cpu_ratio(self, key: Key, other: Key) -> float | None:
+        """other's server CPU per request over key's: a throughput ratio noise barely moves."""
+        pairs = zip(self.samples.get(key, []), self.samples.get(other, []), strict=False)
+        ratios = [b.cpu_us / a.cpu_us for a, b in pairs if a.cpu_us and b.cpu_us]
+        return statistics.median(ratios) if ratios else None
 
 
 def _fmt(value: float | None, digits: int = 2, suffix: str = "×") -> str:
     return "–" if value is None else f"{value:.{digits}f}{suffix}"
 
 
-def targets(medians: Mapping[Key, Sample], startups: list[Startup]) -> list[Target]:
+def targets(runs: Runs, startups: list[Startup]) -> list[Target]:
     c, v = TARGET_CONNECTIONS, TARGET_VALUE
     rows: list[Target] = []
 
     def ratio_target(what: str, kind: str, other: str, required: float) -> None:
-        r = ratio(medians, (kind, c, v), (other, c, v))
+        r = runs.ratio((kind, c, v), (other, c, v))
         if r is None:
-            missing = kind if (kind, c, v) not in medians else other
+            missing = kind if (kind, c, v) not in runs else other
             rows.append(Target(what, "–", f"≥ {required}×", f"not measured ({missing})"))
             return
         rows.append(Target(what, f"{r:.2f}×", f"≥ {required}×", _status(r >= required)))
 
     ratio_target("GET hit / ceiling GET", "GET hit", "ceiling GET", 0.9)
-    get = medians.get(("GET hit", c, v))
+    get = runs.get(("GET hit", c, v))
     if get is None:
         rows.append(Target("GET hit p99 / p50", "–", "≤ 3×", "not measured"))
     else:
@@ -124,11 +153,9 @@ def _status(ok: bool) -> str:
     return "met" if ok else "NOT met"
 
 
-def targets_text(
-    scenarios: list[Scenario], medians: Mapping[Key, Sample], startups: list[Startup]
-) -> str:
+def targets_text(runs: Runs, startups: list[Startup]) -> str:
     lines = ["Targets (64 connections, 100 B values):"]
-    for t in targets(medians, startups):
+    for t in targets(runs, startups):
         lines.append(f"  {t.what:42} {t.measured:32} {t.required:8} {t.status}")
     return "\n".join(lines)
 
@@ -144,8 +171,7 @@ def _spread(samples: list[Sample]) -> float | None:
 def markdown(
     context: Context,
     scenarios: list[Scenario],
-    medians: Mapping[Key, Sample],
-    samples: Mapping[Key, list[Sample]],
+    runs: Runs,
     missing: Mapping[str, str],
     startups: list[Startup],
     rss: Mapping[str, int],
@@ -163,7 +189,8 @@ def markdown(
         "Every server (dache, the ceiling, etcd) is pinned to core 0 and wrk (one thread) "
         f"to core 1 with `taskset`, on loopback. Each scenario ran {context.rounds} "
         f"round(s) of {context.seconds:g} s after a {context.warmup:g} s warm-up, the "
-        "rounds interleaved with every other scenario; figures are medians. Ratios "
+        "rounds interleaved with every other scenario; figures are medians, and a ratio "
+        "is the median of the ratios within each round (runs seconds apart). Ratios "
         "compare figures from this same run: `× ceiling` is against the bare "
         "twisted.web resource (bench/ceiling.py) for the same method, connections and "
         "value size; `× etcd` against etcd's v3 JSON gateway (put for durable sets, "
@@ -173,9 +200,9 @@ def markdown(
         "req/s, so it tells whether a ratio is the code or the neighbours.\n"
     )
     noise = [
-        _spread(samples[k])
-        for k in samples
-        if k[0].startswith("ceiling") and _spread(samples[k]) is not None
+        spread
+        for key, rounds in runs.samples.items()
+        if key[0].startswith("ceiling") and (spread := _spread(rounds)) is not None
     ]
     w(
         f"Noise: load average {context.load_before[0]:.2f} before, "
@@ -193,7 +220,7 @@ def markdown(
     w(f"At {TARGET_CONNECTIONS} connections and {TARGET_VALUE} B values.\n")
     w("| target | measured | required | status |")
     w("| --- | --- | --- | --- |")
-    for t in targets(medians, startups):
+    for t in targets(runs, startups):
         w(f"| {t.what} | {t.measured} | {t.required} | {t.status} |")
     w("")
 
@@ -204,14 +231,14 @@ def markdown(
     )
     w("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for s in scenarios:
-        m = medians.get(s.key)
+        m = runs.get(s.key)
         if m is None:
             continue
         ceiling_key = s.counterpart(s.ceiling_kind) if s.ceiling_kind else None
-        vs_ceiling = ratio(medians, s.key, ceiling_key) if ceiling_key else None
-        vs_ceiling_cpu = cpu_ratio(medians, s.key, ceiling_key) if ceiling_key else None
+        vs_ceiling = runs.ratio(s.key, ceiling_key) if ceiling_key else None
+        vs_ceiling_cpu = runs.cpu_ratio(s.key, ceiling_key) if ceiling_key else None
         peer = PEERS.get(s.kind)
-        vs_etcd = ratio(medians, s.key, s.counterpart(peer)) if peer else None
+        vs_etcd = runs.ratio(s.key, s.counterpart(peer)) if peer else None
         notes = []
         if s.expects_2xx and m.non2xx:
             notes.append(f"{m.non2xx} non-2xx")
@@ -219,7 +246,7 @@ def markdown(
             notes.append("404 expected")
         if m.errors:
             notes.append(f"{m.errors} socket errors/timeouts")
-        spread = _spread(samples[s.key])
+        spread = _spread(runs.samples[s.key])
         if spread is not None and spread > 0.25:
             notes.append(f"rounds varied {spread:.0%}")
         size = f"{s.value_bytes // 1024} KiB" if s.value_bytes >= 1024 else f"{s.value_bytes} B"

@@ -16,7 +16,6 @@ import dataclasses
 import http.client
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -237,20 +236,6 @@ def log(message: str) -> None:
     sys.stdout.flush()
 
 
-def median_sample(samples: list[Sample]) -> Sample:
-    return Sample(
-        rps=statistics.median(s.rps for s in samples),
-        p50_ms=statistics.median(s.p50_ms for s in samples),
-        p99_ms=statistics.median(s.p99_ms for s in samples),
-        requests=sum(s.requests for s in samples),
-        non2xx=sum(s.non2xx for s in samples),
-        errors=sum(s.errors for s in samples),
-        cpu_us=statistics.median(s.cpu_us for s in samples if s.cpu_us is not None)
-        if any(s.cpu_us is not None for s in samples)
-        else None,
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="dache benchmarks (see bench/RESULTS.md)")
     parser.add_argument("--quick", action="store_true", help="a smoke run, under a minute")
@@ -293,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         startup.cleanup()
     load_after = os.getloadavg()
 
-    medians = {key: median_sample(samples) for key, samples in bench.samples.items()}
+    runs = report.Runs(bench.samples)
     context = report.Context(
         command=command,
         mode=mode.name,
@@ -306,14 +291,12 @@ def main(argv: list[str] | None = None) -> int:
         machine=f"{os.cpu_count()} cores, Python {platform.python_version()}, {platform.machine()}",
     )
     scenarios = bench.scenarios()
-    text = report.markdown(
-        context, scenarios, medians, bench.samples, bench.missing, startups, rss, profiles
-    )
+    text = report.markdown(context, scenarios, runs, bench.missing, startups, rss, profiles)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "RESULTS.md"), "w") as f:
         f.write(text)
-    report.chart(scenarios, medians, os.path.join(args.out, "results.png"))
-    sys.stdout.write("\n" + report.targets_text(scenarios, medians, startups) + "\n")
+    report.chart(scenarios, runs.medians, os.path.join(args.out, "results.png"))
+    sys.stdout.write("\n" + report.targets_text(runs, startups) + "\n")
     log(f"wrote {os.path.join(args.out, 'RESULTS.md')} in {time.monotonic() - began:.0f}s")
     return 0
 
