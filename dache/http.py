@@ -82,6 +82,15 @@ class DacheRequest(Request):
             return  # already answered 413; the connection is closing
         super().requestReceived(command, path, version)
 
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        # The channel holds headers back to send them with the body (see
+        # dache.channel); an answer without one (HEAD, 204, an empty first
+        # write) sends them now.
+        channel = getattr(self, "channel", None)
+        if channel is not None:
+            channel.send_held()
+
 
 class DacheSite(Site):
     protocol = DacheChannel  # HTTP/1.1 with a per-request receive deadline

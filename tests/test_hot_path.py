@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import gc
 import json
+import socket
+import time
 
 import pytest_twisted
-from twisted.internet import reactor
+from twisted.internet import reactor, tcp
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 
 from bench.ceiling import CeilingResource, CeilingSite, constant_body
 from bench.load import Sample
@@ -229,3 +233,88 @@ def test_string_values_read_back_as_canonical_json_with_or_without_escapes():
             assert stored == json.dumps(expected, ensure_ascii=False, separators=(",", ":")).encode(
                 "utf-8"
             )
+
+
+# -- answers sent at once (dache.channel)
+
+
+class TCPPair:
+    """A DacheSite channel on a real, connected TCP socket; the reactor is not run."""
+
+    def __init__(self, site, sndbuf: int | None = None):
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        self.client = socket.create_connection(listener.getsockname())
+        server_socket, peer = listener.accept()
+        listener.close()
+        if sndbuf is not None:
+            server_socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+            self.client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, sndbuf)
+        server_socket.setblocking(False)
+        self.client.settimeout(5)
+        self.channel = site.buildProtocol(IPv4Address("TCP", *peer))
+        self.transport = tcp.Server(server_socket, self.channel, peer, None, 0, reactor)
+        self.channel.makeConnection(self.transport)
+
+    def received_now(self) -> bytes:
+        """What the client can read without waiting for the server's reactor."""
+        self.client.setblocking(False)
+        data = b""
+        try:
+            while chunk := self.client.recv(65536):
+                data += chunk
+        except BlockingIOError:
+            pass
+        self.client.settimeout(5)
+        return data
+
+    def close(self) -> None:
+        self.transport.stopReading()
+        self.transport.stopWriting()
+        self.channel.connectionLost(Failure(ConnectionDone()))
+        self.transport.socket.close()
+        self.client.close()
+
+
+def test_an_answer_is_on_the_socket_before_the_reactor_turns():
+    node = MemoryNode()
+    node.cache.set("k", b'"v"')
+    pair = TCPPair(DacheSite(node.api.resource()))
+    try:
+        pair.channel.dataReceived(b"GET /dache/k HTTP/1.1\r\nHost: d\r\n\r\n")
+        pair.channel.dataReceived(b"HEAD /dache/k HTTP/1.1\r\nHost: d\r\n\r\n")
+        pair.channel.dataReceived(b"DELETE /dache/k HTTP/1.1\r\nHost: d\r\n\r\n")
+        answers = pair.received_now()
+        assert answers.count(b"HTTP/1.1 ") == 3
+        assert answers.endswith(b"\r\n\r\n")  # the 204 has no body
+        first, _, rest = answers.partition(b"HTTP/1.1 200 OK")[2].partition(b"HTTP/1.1 200 OK")
+        assert first.endswith(b'\r\n\r\n{"key":"k","value":"v"}')
+        assert b'{"key"' not in rest  # HEAD: headers only
+        assert b"HTTP/1.1 204 No Content" in rest
+        assert reactor.getWriters().count(pair.transport) == 0
+    finally:
+        pair.close()
+
+
+def test_what_the_socket_does_not_take_follows_in_order_through_the_transport():
+    node = MemoryNode()
+    big = b'"' + b"x" * 60_000 + b'"'
+    node.cache.set("big", big)
+    node.cache.set("small", b'"s"')
+    pair = TCPPair(DacheSite(node.api.resource()), sndbuf=4096)
+    try:
+        pair.channel.dataReceived(b"GET /dache/big HTTP/1.1\r\nHost: d\r\n\r\n")
+        assert pair.transport in reactor.getWriters()  # the rest waits in the transport
+        pair.channel.dataReceived(b"GET /dache/small HTTP/1.1\r\nHost: d\r\n\r\n")
+        received = b""
+        deadline = time.monotonic() + 10
+        while not received.endswith(b'{"key":"small","value":"s"}'):
+            assert time.monotonic() < deadline
+            pair.transport.doWrite()  # what the reactor does when the socket drains
+            received += pair.received_now()
+        first, second = received.split(b"HTTP/1.1 200 OK")[1:]
+        assert first.endswith(b'{"key":"big","value":' + big + b"}")
+        assert second.endswith(b'{"key":"small","value":"s"}')
+    finally:
+        pair.close()
