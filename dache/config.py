@@ -155,6 +155,27 @@ SETTINGS: list[Setting] = [
         parse_bool,
         "Replace keys with a placeholder in access-log lines.",
     ),
+    Setting(
+        "LOG_FORMAT",
+        "log-format",
+        "text",
+        one_of("text", "json"),
+        "Log lines as human-readable text, or as one JSON object per line (for log shippers).",
+    ),
+    Setting(
+        "METRICS",
+        "metrics",
+        "true",
+        parse_bool,
+        "Serve Prometheus metrics at /metrics and count requests for them.",
+    ),
+    Setting(
+        "HEALTH_TIMEOUT",
+        "health-timeout",
+        "1",
+        positive_seconds,
+        "Seconds /health waits for the engine's round trip before reporting it down.",
+    ),
 ]
 
 

@@ -28,7 +28,10 @@ from dache.cache import Cache
 from dache.committer import Committer
 from dache.config import Config, ConfigError
 from dache.engines import SET, Change, create_engine
+from dache.health import HealthMonitor
 from dache.http import DacheSite
+from dache.logs import offer_observer
+from dache.metrics import Metrics
 
 SWEEP_INTERVAL = 1.0  # seconds between expiry sweeps
 
@@ -54,6 +57,7 @@ class DacheService(service.Service):
     """One dache node: engine, cache, committer and HTTP listener."""
 
     log = Logger()
+    log_observer: Any = None  # set by dache.tap for LOG_FORMAT=json
 
     def __init__(self, config: Config, reactor: Any = None):
         if reactor is None:
@@ -64,12 +68,19 @@ class DacheService(service.Service):
         self.engine: Any = None
         self.committer: Committer | None = None
         self.api: DacheAPI | None = None
+        self.health: HealthMonitor | None = None
+        self.metrics: Metrics | None = None
         self.site: DacheSite | None = None
         self.port: Any = None
         self.started_at: float | None = None
         self._sweeper: LoopingCall | None = None
         self._starting: Deferred[None] | None = None
         self.ready: Deferred[None] = Deferred()  # fires once listening
+
+    def setServiceParent(self, parent: Any) -> None:
+        # twistd picks its log observer from the application after this.
+        offer_observer(parent, self.log_observer)
+        super().setServiceParent(parent)
 
     def startService(self) -> None:
         super().startService()
@@ -79,16 +90,18 @@ class DacheService(service.Service):
     @inlineCallbacks
     def _start(self) -> Any:
         config, reactor = self.config, self.reactor
+        starting_at = reactor.seconds()  # uptime counts from here
         self.engine = create_engine(config, reactor)
         self.log.info("engine: {engine}", engine=self.engine.name)
 
         began = time.monotonic()
         yield self.engine.load(self._apply_loaded)
         self.cache.expire(reactor.seconds())
+        load_seconds = time.monotonic() - began
         self.log.info(
-            "loaded {count} entries in {seconds:.3f}s",
-            count=len(self.cache),
-            seconds=time.monotonic() - began,
+            "loaded {entries} entries in {load_seconds:.3f}s",
+            entries=len(self.cache),
+            load_seconds=load_seconds,
         )
 
         self.committer = Committer(
@@ -102,18 +115,31 @@ class DacheService(service.Service):
         self._sweeper.clock = reactor
         self._sweeper.start(SWEEP_INTERVAL, now=False)
 
+        self.health = HealthMonitor(
+            self.engine,
+            self.committer,
+            self.cache,
+            reactor,
+            timeout=config.health_timeout,
+            started_at=starting_at,
+        )
+        if config.metrics:
+            self.metrics = Metrics(self.cache, self.committer, self.health, load_seconds)
         self.api = DacheAPI(
             self.cache,
             self.committer,
             reactor,
             max_key_bytes=config.max_key_bytes,
             max_value_bytes=config.max_value_bytes,
+            health=self.health,
+            metrics=self.metrics,
         )
         self.site = DacheSite(
             self.api.resource(),
             max_body_bytes=config.max_value_bytes,
             access_log=config.access_log,
             redact_keys=config.logging_redact_keys,
+            metrics=self.metrics,
         )
         endpoint = endpoints.serverFromString(reactor, endpoint_description(config))
         self.port = yield endpoint.listen(self.site)

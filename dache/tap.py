@@ -11,7 +11,7 @@ import sys
 from typing import Any
 
 from dache import config as _config
-from dache import service
+from dache import logs, service
 
 Options = _config.Options
 
@@ -24,7 +24,11 @@ def makeService(options: Any) -> service.DacheService:
         sys.stderr.write(f"dache: configuration error: {e}\n")
         sys.stderr.flush()
         raise SystemExit(2)
-    return service.makeService(config)
+    node = service.makeService(config)
+    node.log_observer = logs.observer_for_twistd(
+        config.log_format, getattr(options, "parent", None)
+    )
+    return node
 
 
 def _reactor() -> Any:
