@@ -142,6 +142,14 @@ SETTINGS: list[Setting] = [
         "Seconds a set or delete waits for the engine before answering 503.",
     ),
     Setting(
+        "WORKERS",
+        "workers",
+        "1",
+        positive_int,
+        "Processes serving the one listening socket, each a node of the cluster; "
+        "more than 1 needs the postgres engine.",
+    ),
+    Setting(
         "ACCESS_LOG",
         "access-log",
         "false",
@@ -216,7 +224,21 @@ def resolve(options: Mapping[str, Any], environ: Mapping[str, str]) -> Config:
         except ValueError as e:
             shown = "" if setting.secret else f" (got {raw!r})"
             raise ConfigError(f"{source} {e}{shown}") from None
-    return Config(values)
+    config = Config(values)
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    """Checks that span several settings."""
+    if config.workers > 1:
+        if config.durability_engine != "postgres":
+            raise ConfigError(
+                "WORKERS > 1 needs DURABILITY_ENGINE=postgres: workers are separate nodes "
+                "that share their state through PostgreSQL"
+            )
+        if config.listen and config.listen.split(":", 1)[0] not in ("tcp", "unix", "systemd"):
+            raise ConfigError("WORKERS > 1 works with tcp:, unix: or systemd: LISTEN endpoints")
 
 
 def default_config(**overrides: Any) -> Config:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import socket
 import sys
 import time
 from typing import Any
@@ -32,6 +33,7 @@ from dache.health import HealthMonitor
 from dache.http import DacheSite
 from dache.logs import offer_observer
 from dache.metrics import Metrics
+from dache.workers import LISTEN_FD_ENV, WorkerPool, is_worker, watch_supervisor
 
 SWEEP_INTERVAL = 1.0  # seconds between expiry sweeps
 
@@ -75,6 +77,8 @@ class DacheService(service.Service):
         self.started_at: float | None = None
         self._sweeper: LoopingCall | None = None
         self._starting: Deferred[None] | None = None
+        self.workers: WorkerPool | None = None
+        self._supervisor_watch: LoopingCall | None = None
         self.ready: Deferred[None] = Deferred()  # fires once listening
 
     def setServiceParent(self, parent: Any) -> None:
@@ -141,11 +145,23 @@ class DacheService(service.Service):
             redact_keys=config.logging_redact_keys,
             metrics=self.metrics,
         )
-        endpoint = endpoints.serverFromString(reactor, endpoint_description(config))
-        self.port = yield endpoint.listen(self.site)
+        self.port = yield self._endpoint().listen(self.site)
         self.started_at = reactor.seconds()
         self.log.info("listening on {address}", address=_describe(self.port))
+        if is_worker():
+            self._supervisor_watch = watch_supervisor(reactor)
+        elif config.workers > 1:
+            self.workers = WorkerPool(reactor, config.workers - 1, self.port.fileno())
+            self.workers.startService()
         self.ready.callback(None)
+
+    def _endpoint(self) -> Any:
+        inherited = os.environ.get(LISTEN_FD_ENV)
+        if inherited is not None:  # a worker: accept on the supervisor's socket
+            fd = int(inherited)
+            family = socket.socket(fileno=os.dup(fd)).family
+            return endpoints.AdoptedStreamServerEndpoint(self.reactor, fd, family)
+        return endpoints.serverFromString(self.reactor, endpoint_description(self.config))
 
     def _apply_loaded(self, change: Change) -> None:
         if change.kind == SET:
@@ -171,15 +187,25 @@ class DacheService(service.Service):
         super().stopService()
         if self._starting is not None and not self._starting.called:
             self._starting.cancel()
+        stopping_workers = self.workers.stopService() if self.workers is not None else None
+        if self._supervisor_watch is not None and self._supervisor_watch.running:
+            self._supervisor_watch.stop()
         if self.port is not None:
             yield self.port.stopListening()
         if self._sweeper is not None and self._sweeper.running:
             self._sweeper.stop()
         if self.committer is not None:
             yield self.committer.drain()
+        if stopping_workers is not None:
+            yield stopping_workers
         if self.engine is not None:
             yield self.engine.close()
         self.log.info("dache stopped")
+        # twistd re-raises the signal that stopped the reactor once it is done
+        # (so the exit status would be "killed by SIGTERM"); a clean shutdown
+        # exits 0, as process supervisors expect.
+        if getattr(self.reactor, "_exitSignal", None) is not None:
+            self.reactor._exitSignal = None
 
 
 def _describe(port: Any) -> str:

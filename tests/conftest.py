@@ -8,8 +8,8 @@ def dache_process():
     """A factory for `twistd -n dache` subprocesses, all killed at teardown."""
     started: list[DacheProcess] = []
 
-    def start(env=None, args=(), wait=True, timeout=30.0):
-        process = DacheProcess(env, tuple(args))
+    def start(env=None, args=(), wait=True, timeout=30.0, ephemeral_port=True):
+        process = DacheProcess(env, tuple(args), ephemeral_port=ephemeral_port)
         started.append(process)
         return process.start(timeout=timeout, wait=wait)
 

@@ -36,9 +36,15 @@ def _message(line: str) -> str:
 
 
 class DacheProcess:
-    def __init__(self, env: Mapping[str, str] | None = None, args: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        env: Mapping[str, str] | None = None,
+        args: tuple[str, ...] = (),
+        ephemeral_port: bool = True,
+    ):
         self.env = {**os.environ, **(env or {})}
         self.args = args
+        self.ephemeral_port = ephemeral_port
         self.proc: subprocess.Popen[str] | None = None
         self.port: int | None = None
         self.lines: list[str] = []
@@ -48,7 +54,7 @@ class DacheProcess:
 
     def start(self, timeout: float = 30.0, wait: bool = True) -> DacheProcess:
         command = [TWISTD, "-n", "--pidfile=", "dache"]
-        if not any(a.startswith("--listen") for a in self.args):
+        if self.ephemeral_port and not any(a.startswith("--listen") for a in self.args):
             command.append("--listen=tcp:0:interface=127.0.0.1")
         command += list(self.args)
         self.proc = subprocess.Popen(
