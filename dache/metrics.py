@@ -141,7 +141,9 @@ class Metrics:
         histogram = self.requests.get(key)
         if histogram is None:
             histogram = self.requests[key] = Histogram(REQUEST_SECONDS)
-        histogram.observe(seconds)
+        # Histogram.observe, inlined: a method call is a third of this function's cost.
+        histogram.counts[bisect_left(REQUEST_SECONDS, seconds)] += 1
+        histogram.sum += seconds
 
     def _batch_written(self, size: int, seconds: float) -> None:
         self.batch_changes.observe(size)
