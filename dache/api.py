@@ -173,7 +173,9 @@ class DacheAPI:
         max_value_bytes: int = 1024 * 1024,
         health: HealthMonitor | None = None,
         metrics: Metrics | None = None,
+        access: Any = None,
     ):
+        self.access = access  # a dache.auth.Access, or None: no access control
         self.cache = cache
         self.committer = committer
         self.clock = clock
@@ -325,6 +327,7 @@ class DacheResource(Resource):
         super().__init__()
         self.api = api
         self.klein = api.app.resource()
+        self.access = api.access
         self.key_methods = {
             b"GET": api.get,
             b"HEAD": api.get,
@@ -334,6 +337,10 @@ class DacheResource(Resource):
         }
 
     def render(self, request: IRequest) -> bytes | int:
+        if self.access is not None:  # the one access check, for every route
+            refusal = self.access.refuse(request)
+            if refusal is not None:
+                return refusal
         handler = self.key_methods.get(request.method)
         if handler is None or not request.path.startswith(KEY_PREFIX):
             return self.klein.render(request)

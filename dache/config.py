@@ -99,6 +99,16 @@ def non_empty(text: str) -> str:
     return text
 
 
+def bearer_token(text: str) -> str:
+    # Empty is refused rather than read as "auth off": an unset variable
+    # interpolated to "" must not silently open the cache.
+    if not text:
+        raise ValueError("must not be empty (unset it to turn access control off)")
+    if not all("!" <= c <= "~" for c in text):
+        raise ValueError("must be printable ASCII without spaces")
+    return text
+
+
 # Engine names accepted by DURABILITY_ENGINE: the registry in dache.engines.
 ENGINE_NAMES = tuple(REGISTRY)
 
@@ -183,6 +193,53 @@ SETTINGS: list[Setting] = [
         "1",
         positive_seconds,
         "Seconds /health waits for the engine's round trip before reporting it down.",
+    ),
+    # -- access control and connection limits (dache/auth.py, dache/channel.py)
+    Setting(
+        "AUTH_TOKEN",
+        "auth-token",
+        None,
+        bearer_token,
+        "Bearer token that may read and write; when set, requests need "
+        "'Authorization: Bearer <token>'. Prefer AUTH_TOKEN_FILE.",
+        secret=True,
+    ),
+    Setting(
+        "AUTH_TOKEN_FILE",
+        "auth-token-file",
+        None,
+        non_empty,
+        "File holding AUTH_TOKEN (surrounding whitespace is ignored).",
+    ),
+    Setting(
+        "AUTH_READ_TOKEN",
+        "auth-read-token",
+        None,
+        bearer_token,
+        "Bearer token that may only read (GET/HEAD); needs AUTH_TOKEN too.",
+        secret=True,
+    ),
+    Setting(
+        "AUTH_READ_TOKEN_FILE",
+        "auth-read-token-file",
+        None,
+        non_empty,
+        "File holding AUTH_READ_TOKEN.",
+    ),
+    Setting(
+        "IDLE_TIMEOUT",
+        "idle-timeout",
+        "60",
+        positive_seconds,
+        "Seconds a connection may sit idle between requests before it is closed.",
+    ),
+    Setting(
+        "REQUEST_TIMEOUT",
+        "request-timeout",
+        "30",
+        positive_seconds,
+        "Seconds a client has to send a whole request (headers and body) once it "
+        "starts; slower ones get 408 and are disconnected.",
     ),
 ]
 

@@ -24,7 +24,9 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from dache import systemd
 from dache.api import DacheAPI
+from dache.auth import Access
 from dache.cache import Cache
 from dache.committer import Committer
 from dache.config import Config, ConfigError
@@ -51,7 +53,7 @@ def validate_endpoint(config: Config, reactor: Any) -> None:
     description = endpoint_description(config)
     try:
         endpoints.serverFromString(reactor, description)
-    except (ValueError, TypeError, KeyError) as e:
+    except Exception as e:  # also OSError, OpenSSL's Error: an ssl: key or cert it can't load
         raise ConfigError(f"--listen/LISTEN is not a valid server endpoint ({e})") from None
 
 
@@ -80,6 +82,7 @@ class DacheService(service.Service):
         self.workers: WorkerPool | None = None
         self._supervisor_watch: LoopingCall | None = None
         self.ready: Deferred[None] = Deferred()  # fires once listening
+        self.systemd: systemd.SystemdNotifier | None = None
 
     def setServiceParent(self, parent: Any) -> None:
         # twistd picks its log observer from the application after this.
@@ -88,6 +91,9 @@ class DacheService(service.Service):
 
     def startService(self) -> None:
         super().startService()
+        self.systemd = systemd.SystemdNotifier.from_environ(self.reactor)
+        if self.systemd is not None:  # READY=1 once self.ready fires
+            self.systemd.follow(self)
         self._starting = self._start()
         self._starting.addErrback(self._start_failed)
 
@@ -137,6 +143,7 @@ class DacheService(service.Service):
             max_value_bytes=config.max_value_bytes,
             health=self.health,
             metrics=self.metrics,
+            access=Access.from_config(config),
         )
         self.site = DacheSite(
             self.api.resource(),
@@ -144,6 +151,8 @@ class DacheService(service.Service):
             access_log=config.access_log,
             redact_keys=config.logging_redact_keys,
             metrics=self.metrics,
+            timeout=config.idle_timeout,
+            request_timeout=config.request_timeout,
         )
         self.port = yield self._endpoint().listen(self.site)
         self.started_at = reactor.seconds()
@@ -185,6 +194,8 @@ class DacheService(service.Service):
     @inlineCallbacks
     def stopService(self) -> Any:
         super().stopService()
+        if self.systemd is not None:
+            self.systemd.stopping()
         if self._starting is not None and not self._starting.called:
             self._starting.cancel()
         stopping_workers = self.workers.stopService() if self.workers is not None else None
