@@ -11,7 +11,7 @@ import sys
 from typing import Any
 
 from dache import config as _config
-from dache import service
+from dache import engines, service
 
 Options = _config.Options
 
@@ -20,6 +20,7 @@ def makeService(options: Any) -> service.DacheService:
     try:
         config = _config.resolve(options, os.environ)
         service.validate_endpoint(config, _reactor())
+        engines.check_engine_config(config)
     except _config.ConfigError as e:
         sys.stderr.write(f"dache: configuration error: {e}\n")
         sys.stderr.flush()

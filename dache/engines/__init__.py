@@ -100,11 +100,21 @@ class Engine(Protocol):
 # name -> "module:Class"; each class has from_config(config, reactor).
 REGISTRY = {
     "memory": "dache.engines.memory:MemoryEngine",
+    "postgres": "dache.engines.postgres:PostgresEngine",
 }
 
 
-def create_engine(config: Config, reactor: Any) -> Engine:
-    name = config.durability_engine
+def engine_class(name: str) -> Any:
     module_name, _, class_name = REGISTRY[name].partition(":")
-    engine_class = getattr(importlib.import_module(module_name), class_name)
-    return engine_class.from_config(config, reactor)
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def create_engine(config: Config, reactor: Any) -> Engine:
+    return engine_class(config.durability_engine).from_config(config, reactor)
+
+
+def check_engine_config(config: Config) -> None:
+    """Before start-up: the chosen engine's own settings, or ConfigError (one line)."""
+    check = getattr(engine_class(config.durability_engine), "check_config", None)
+    if check is not None:
+        check(config)
