@@ -98,8 +98,9 @@ def test_idle_connections_killed_under_the_engine_reconnect_without_logging_erro
     assert logged_errors == []
 
 
+@pytest.mark.parametrize("interruption", ["pg_terminate_backend", "pg_cancel_backend"])
 @pytest_twisted.inlineCallbacks
-def test_a_write_whose_connection_dies_mid_statement_is_retried_on_another(pg, pg_engine):
+def test_a_write_interrupted_mid_statement_is_retried(pg, pg_engine, interruption, logged_errors):
     engine = pg_engine(pg)
     yield engine.load(lambda change: None)
     yield engine.write([Change.set("k", b"1")])
@@ -108,13 +109,16 @@ def test_a_write_whose_connection_dies_mid_statement_is_retried_on_another(pg, p
     locker.cursor().execute("SELECT * FROM dache WHERE key = 'k' FOR UPDATE")
     written = engine.write([Change.set("k", b"2")])  # waits for the row lock
     yield eventually(lambda: len(backends(pg, "active")) == 1)
-    pg.sql("SELECT pg_terminate_backend(%s)", (backends(pg, "active")[0],))
-    yield eventually(lambda: len(backends(pg, "active")) == 1)  # the retry, waiting too
+    first = backends(pg, "active")[0]
+    pg.sql(f"SELECT {interruption}(%s)", (first,))
+    # The retry (on the other connection if this one died), waiting for the lock too.
+    yield eventually(lambda: len(backends(pg, "active")) == 1 and engine._in_doubt)
     locker.rollback()
     yield written
     assert pg.rows()["k"][0] == "2"
-    assert engine.transactions == 2
+    assert engine.transactions == 2 and not engine._in_doubt
     locker.close()
+    assert logged_errors == []
 
 
 @pytest_twisted.inlineCallbacks

@@ -85,6 +85,8 @@ class Reconnector(DeadConnectionDetector):
     progress, and cancelling a txpostgres connect raises _CancelInProgress).
     """
 
+    log = Logger()
+
     def __init__(
         self,
         reactor: Any,
@@ -92,11 +94,7 @@ class Reconnector(DeadConnectionDetector):
         on_recovery: Callable[[], None],
         delays: Callable[[], Iterator[float]] = backoff,
     ):
-        super().__init__(
-            deathChecker=lambda f: f.check(*CONNECTION_ERRORS),
-            reconnectionIterator=delays,
-            reactor=reactor,
-        )
+        super().__init__(deathChecker=self._is_death, reconnectionIterator=delays, reactor=reactor)
         self.on_death = on_death
         self.on_recovery = on_recovery
         self.armed = False  # set once the pool's first connect succeeded
@@ -104,6 +102,18 @@ class Reconnector(DeadConnectionDetector):
         self.attempts = 0
         self._delays: Iterator[float] = iter(())
         self._timer: Any = None
+
+    def _is_death(self, f: Failure) -> bool:
+        if f.check(twisted_error.ConnectionDone, twisted_error.ConnectionLost):
+            return True
+        if f.check(txpostgres.RollbackFailed):
+            return True  # a transaction may be left open: start afresh
+        if f.check(psycopg2.OperationalError, psycopg2.InterfaceError):
+            # Not every OperationalError kills a connection (a deadlock doesn't);
+            # psycopg2 marks the connection closed when one did.
+            connection = getattr(self.reconnectable, "_connection", None)
+            return connection is None or connection.closed != 0
+        return False
 
     def startReconnecting(self, f: Failure) -> None:
         # checkForDeadConnection calls this once per death.
@@ -122,6 +132,7 @@ class Reconnector(DeadConnectionDetector):
         self.attempts += 1
         d = maybeDeferred(self.reconnect)
         d.addCallbacks(self._reconnected, lambda _: self._schedule())
+        d.addErrback(lambda f: self.log.failure("reconnecting to PostgreSQL failed", f))
 
     def _reconnected(self, _: object) -> None:
         if self.stopped:

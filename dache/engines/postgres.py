@@ -337,7 +337,8 @@ class PostgresEngine:
         for change in changes:
             last[change.key] = change  # the last change per key wins
         set_keys, values, expiries, delete_keys = [], [], [], []
-        for key, change in last.items():
+        # In key order, so concurrent writers (other nodes) lock rows in one order.
+        for key, change in sorted(last.items()):
             if change.kind == SET:
                 set_keys.append(key)
                 values.append(change.value_json.decode("utf-8"))
@@ -359,7 +360,9 @@ class PostgresEngine:
                 rows = yield self.pool.runQuery(self.sql.write, params)
             except ConnectionDead:
                 raise EngineUnavailable(UNREACHABLE)
-            except CONNECTION_ERRORS as e:
+            except (*CONNECTION_ERRORS, CancelledError) as e:
+                # (CancelledError: the server cancelled the statement, e.g. an
+                # operator's pg_cancel_backend; our own callers never can.)
                 # Sent, but did it commit? Re-writing is safe (sets and deletes
                 # are idempotent), so try once more on another live connection.
                 self._in_doubt.update(keys)
@@ -384,7 +387,7 @@ class PostgresEngine:
             rows = yield self.pool.runQuery(self.sql.select_keys, (keys,))
         except ConnectionDead:
             raise EngineUnavailable(UNREACHABLE)
-        except psycopg2.Error as e:
+        except (psycopg2.Error, CancelledError, *CONNECTION_ERRORS) as e:
             raise EngineUnavailable(f"PostgreSQL could not be read ({describe(e)})")
         found = {row[0]: _row_change(row) for row in rows}
         self._in_doubt.difference_update(keys)
@@ -451,7 +454,7 @@ class PostgresEngine:
                 total += rows[0][0]
                 if rows[0][0] < self.purge_batch:
                     break
-        except (psycopg2.Error, ConnectionDead, *CONNECTION_ERRORS) as e:
+        except (psycopg2.Error, ConnectionDead, CancelledError, *CONNECTION_ERRORS) as e:
             self.log.info("purging expired rows failed ({reason}); will retry", reason=describe(e))
         finally:
             self._purging = False
