@@ -100,6 +100,16 @@ def non_empty(text: str) -> str:
     return text
 
 
+def bearer_token(text: str) -> str:
+    # Empty is refused rather than read as "auth off": an unset variable
+    # interpolated to "" must not silently open the cache.
+    if not text:
+        raise ValueError("must not be empty (unset it to turn access control off)")
+    if not all("!" <= c <= "~" for c in text):
+        raise ValueError("must be printable ASCII without spaces")
+    return text
+
+
 # Engine names accepted by DURABILITY_ENGINE: the registry in dache.engines.
 ENGINE_NAMES = tuple(REGISTRY)
 
@@ -200,6 +210,14 @@ SETTINGS: list[Setting] = [
         "Seconds a set or delete waits for the engine before answering 503.",
     ),
     Setting(
+        "WORKERS",
+        "workers",
+        "1",
+        positive_int,
+        "Processes serving the one listening socket, each a node of the cluster; "
+        "more than 1 needs the postgres engine.",
+    ),
+    Setting(
         "ACCESS_LOG",
         "access-log",
         "false",
@@ -212,6 +230,53 @@ SETTINGS: list[Setting] = [
         "false",
         parse_bool,
         "Replace keys with a placeholder in access-log lines.",
+    ),
+    # -- access control and connection limits (dache/auth.py, dache/channel.py)
+    Setting(
+        "AUTH_TOKEN",
+        "auth-token",
+        None,
+        bearer_token,
+        "Bearer token that may read and write; when set, requests need "
+        "'Authorization: Bearer <token>'. Prefer AUTH_TOKEN_FILE.",
+        secret=True,
+    ),
+    Setting(
+        "AUTH_TOKEN_FILE",
+        "auth-token-file",
+        None,
+        non_empty,
+        "File holding AUTH_TOKEN (surrounding whitespace is ignored).",
+    ),
+    Setting(
+        "AUTH_READ_TOKEN",
+        "auth-read-token",
+        None,
+        bearer_token,
+        "Bearer token that may only read (GET/HEAD); needs AUTH_TOKEN too.",
+        secret=True,
+    ),
+    Setting(
+        "AUTH_READ_TOKEN_FILE",
+        "auth-read-token-file",
+        None,
+        non_empty,
+        "File holding AUTH_READ_TOKEN.",
+    ),
+    Setting(
+        "IDLE_TIMEOUT",
+        "idle-timeout",
+        "60",
+        positive_seconds,
+        "Seconds a connection may sit idle between requests before it is closed.",
+    ),
+    Setting(
+        "REQUEST_TIMEOUT",
+        "request-timeout",
+        "30",
+        positive_seconds,
+        "Seconds a client has to send a whole request (headers and body) once it "
+        "starts; slower ones get 408 and are disconnected.",
     ),
 ]
 
@@ -253,7 +318,21 @@ def resolve(options: Mapping[str, Any], environ: Mapping[str, str]) -> Config:
         except ValueError as e:
             shown = "" if setting.secret else f" (got {raw!r})"
             raise ConfigError(f"{source} {e}{shown}") from None
-    return Config(values)
+    config = Config(values)
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    """Checks that span several settings."""
+    if config.workers > 1:
+        if config.durability_engine != "postgres":
+            raise ConfigError(
+                "WORKERS > 1 needs DURABILITY_ENGINE=postgres: workers are separate nodes "
+                "that share their state through PostgreSQL"
+            )
+        if config.listen and config.listen.split(":", 1)[0] not in ("tcp", "unix", "systemd"):
+            raise ConfigError("WORKERS > 1 works with tcp:, unix: or systemd: LISTEN endpoints")
 
 
 def default_config(**overrides: Any) -> Config:

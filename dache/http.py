@@ -12,6 +12,7 @@ from twisted.logger import Logger
 from twisted.web.server import Request, Site
 
 from dache.api import KEY_PREFIX, error_body
+from dache.channel import DacheChannel
 
 
 def _too_large_response(limit: int) -> bytes:
@@ -83,6 +84,7 @@ class DacheRequest(Request):
 
 
 class DacheSite(Site):
+    protocol = DacheChannel  # HTTP/1.1 with a per-request receive deadline
     requestFactory = DacheRequest
     noisy = False
     access_log = Logger(namespace="dache.access")
@@ -94,9 +96,11 @@ class DacheSite(Site):
         access_log: bool = False,
         redact_keys: bool = False,
         timeout: float | None = Site.timeOut,
+        request_timeout: float | None = None,
         **kwargs: Any,
     ):
         super().__init__(resource, timeout=timeout, **kwargs)
+        self.request_timeout = request_timeout  # see dache.channel
         self.max_body_bytes = max_body_bytes
         self.log_requests = access_log
         self.redact_keys = redact_keys

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import socket
 import sys
 import time
 from typing import Any
@@ -23,12 +24,15 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from dache import systemd
 from dache.api import DacheAPI
+from dache.auth import Access
 from dache.cache import Cache
 from dache.committer import Committer
 from dache.config import Config, ConfigError
 from dache.engines import SET, Change, create_engine
 from dache.http import DacheSite
+from dache.workers import LISTEN_FD_ENV, WorkerPool, is_worker, watch_supervisor
 
 SWEEP_INTERVAL = 1.0  # seconds between expiry sweeps
 
@@ -46,7 +50,7 @@ def validate_endpoint(config: Config, reactor: Any) -> None:
     description = endpoint_description(config)
     try:
         endpoints.serverFromString(reactor, description)
-    except (ValueError, TypeError, KeyError) as e:
+    except Exception as e:  # also OSError, OpenSSL's Error: an ssl: key or cert it can't load
         raise ConfigError(f"--listen/LISTEN is not a valid server endpoint ({e})") from None
 
 
@@ -69,10 +73,16 @@ class DacheService(service.Service):
         self.started_at: float | None = None
         self._sweeper: LoopingCall | None = None
         self._starting: Deferred[None] | None = None
+        self.workers: WorkerPool | None = None
+        self._supervisor_watch: LoopingCall | None = None
         self.ready: Deferred[None] = Deferred()  # fires once listening
+        self.systemd: systemd.SystemdNotifier | None = None
 
     def startService(self) -> None:
         super().startService()
+        self.systemd = systemd.SystemdNotifier.from_environ(self.reactor)
+        if self.systemd is not None:  # READY=1 once self.ready fires
+            self.systemd.follow(self)
         self._starting = self._start()
         self._starting.addErrback(self._start_failed)
 
@@ -113,18 +123,33 @@ class DacheService(service.Service):
             reactor,
             max_key_bytes=config.max_key_bytes,
             max_value_bytes=config.max_value_bytes,
+            access=Access.from_config(config),
         )
         self.site = DacheSite(
             self.api.resource(),
             max_body_bytes=config.max_value_bytes,
             access_log=config.access_log,
             redact_keys=config.logging_redact_keys,
+            timeout=config.idle_timeout,
+            request_timeout=config.request_timeout,
         )
-        endpoint = endpoints.serverFromString(reactor, endpoint_description(config))
-        self.port = yield endpoint.listen(self.site)
+        self.port = yield self._endpoint().listen(self.site)
         self.started_at = reactor.seconds()
         self.log.info("listening on {address}", address=_describe(self.port))
+        if is_worker():
+            self._supervisor_watch = watch_supervisor(reactor)
+        elif config.workers > 1:
+            self.workers = WorkerPool(reactor, config.workers - 1, self.port.fileno())
+            self.workers.startService()
         self.ready.callback(None)
+
+    def _endpoint(self) -> Any:
+        inherited = os.environ.get(LISTEN_FD_ENV)
+        if inherited is not None:  # a worker: accept on the supervisor's socket
+            fd = int(inherited)
+            family = socket.socket(fileno=os.dup(fd)).family
+            return endpoints.AdoptedStreamServerEndpoint(self.reactor, fd, family)
+        return endpoints.serverFromString(self.reactor, endpoint_description(self.config))
 
     def _apply_loaded(self, change: Change) -> None:
         if change.kind == SET:
@@ -153,14 +178,21 @@ class DacheService(service.Service):
     @inlineCallbacks
     def stopService(self) -> Any:
         super().stopService()
+        if self.systemd is not None:
+            self.systemd.stopping()
         if self._starting is not None and not self._starting.called:
             self._starting.cancel()
+        stopping_workers = self.workers.stopService() if self.workers is not None else None
+        if self._supervisor_watch is not None and self._supervisor_watch.running:
+            self._supervisor_watch.stop()
         if self.port is not None:
             yield self.port.stopListening()
         if self._sweeper is not None and self._sweeper.running:
             self._sweeper.stop()
         if self.committer is not None:
             yield self.committer.drain()
+        if stopping_workers is not None:
+            yield stopping_workers
         if self.engine is not None:
             yield self.engine.close()
         self.log.info("dache stopped")

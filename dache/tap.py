@@ -10,8 +10,9 @@ import os
 import sys
 from typing import Any
 
+from dache import auth, engines, service
 from dache import config as _config
-from dache import engines, service
+from dache.workers import is_worker
 
 Options = _config.Options
 
@@ -19,7 +20,9 @@ Options = _config.Options
 def makeService(options: Any) -> service.DacheService:
     try:
         config = _config.resolve(options, os.environ)
-        service.validate_endpoint(config, _reactor())
+        config = auth.read_token_files(config)
+        if not is_worker():  # a worker adopts its supervisor's socket instead
+            service.validate_endpoint(config, _reactor())
         engines.check_engine_config(config)
     except _config.ConfigError as e:
         sys.stderr.write(f"dache: configuration error: {e}\n")

@@ -39,10 +39,33 @@ SET = "set"
 DELETE = "delete"
 
 
-class Change:
-    """One set or delete, as the committer hands it to an engine."""
+ANY = "*"  # a precondition on any current revision (HTTP's `If-Match: *`)
 
-    __slots__ = ("kind", "key", "value_json", "expiry", "revision")
+
+class Change:
+    """
+    One set or delete, as the committer hands it to an engine.
+
+    Preconditions (from HTTP If-Match / If-None-Match): `if_match` is ANY or a
+    tuple of revisions the key's live entry must have; `if_none_match` is ANY
+    (the key must be absent) or a tuple of revisions it must not have. An
+    engine that decides preconditions itself (`decides_preconditions = True`,
+    e.g. inside a PostgreSQL transaction shared by several nodes) sets
+    `rejected = True` on a change whose precondition failed, and `revision` to
+    the key's current revision (0 when absent); otherwise the committer decides
+    them against memory, in commit order.
+    """
+
+    __slots__ = (
+        "kind",
+        "key",
+        "value_json",
+        "expiry",
+        "revision",
+        "if_match",
+        "if_none_match",
+        "rejected",
+    )
 
     def __init__(
         self,
@@ -51,12 +74,33 @@ class Change:
         value_json: bytes | None = None,
         expiry: float | None = None,
         revision: int = 0,
+        if_match: str | tuple[int, ...] | None = None,
+        if_none_match: str | tuple[int, ...] | None = None,
     ):
         self.kind = kind
         self.key = key
         self.value_json = value_json
         self.expiry = expiry
         self.revision = revision
+        self.if_match = if_match
+        self.if_none_match = if_none_match
+        self.rejected = False
+
+    @property
+    def conditional(self) -> bool:
+        return self.if_match is not None or self.if_none_match is not None
+
+    def precondition_holds(self, current_revision: int | None) -> bool:
+        """Whether the precondition holds when the key's live revision is this (None: absent)."""
+        if self.if_match is not None:
+            if current_revision is None:
+                return False
+            if self.if_match != ANY and current_revision not in self.if_match:
+                return False
+        if self.if_none_match is not None and current_revision is not None:
+            if self.if_none_match == ANY or current_revision in self.if_none_match:
+                return False
+        return True
 
     @classmethod
     def set(cls, key: str, value_json: bytes, expiry: float | None = None) -> Change:
@@ -80,6 +124,14 @@ class Change:
 
 class EngineUnavailable(Exception):
     """The engine could not make a batch durable; str() is safe to show a client."""
+
+
+class PreconditionFailed(Exception):
+    """A conditional change whose precondition did not hold; nothing was written."""
+
+    def __init__(self, current_revision: int | None):
+        super().__init__(current_revision)
+        self.current_revision = current_revision  # None: the key is absent
 
 
 @dataclass
