@@ -119,21 +119,26 @@ class TableSQL:
         ]
         self.count = f"SELECT count(*) FROM {self.table}"
 
-        # A batch, as one statement (so one transaction in autocommit mode): the
-        # upsert and the delete touch disjoint keys (the engine keeps the last
-        # change per key), and every change gets a revision from the sequence.
-        # Parameters: set keys, set values, set expiries, delete keys (twice).
+        # A batch, as one statement (so one transaction in autocommit mode).
+        # Every change gets its own revision, in batch order; the last change
+        # per key is the one applied: the sets as one upsert (in key order, so
+        # concurrent writers lock rows in one order), the deletes as one DELETE.
+        # Parameters: keys, values (NULL for deletes), expiries, is-a-set flags.
+        # Answers each change's revision, in batch order.
         self.write = (
-            "WITH upserted AS ("
-            f" INSERT INTO {self.table} AS t (key, value, expiry, revision)"
-            f" SELECT k, v, e, {next_revision}"
-            " FROM unnest(%s::text[], %s::text[], %s::timestamptz[]) AS b(k, v, e)"
+            "WITH batch AS MATERIALIZED ("
+            f" SELECT k, v, e, is_set, n, {next_revision} AS revision FROM unnest("
+            "%s::text[], %s::text[], %s::timestamptz[], %s::boolean[])"
+            " WITH ORDINALITY AS b(k, v, e, is_set, n)),"
+            " last AS MATERIALIZED (SELECT DISTINCT ON (k) k, v, e, is_set, revision"
+            " FROM batch ORDER BY k, n DESC),"
+            f" upserted AS (INSERT INTO {self.table} AS t (key, value, expiry, revision)"
+            " SELECT k, v, e, revision FROM last WHERE is_set ORDER BY k"
             " ON CONFLICT (key) DO UPDATE SET value = excluded.value,"
-            " expiry = excluded.expiry, revision = excluded.revision"
-            " RETURNING t.key, t.revision),"
-            f" deleted AS (DELETE FROM {self.table} WHERE key = ANY(%s::text[]))"
-            " SELECT key, revision FROM upserted"
-            f" UNION ALL SELECT k, {next_revision} FROM unnest(%s::text[]) AS d(k)"
+            " expiry = excluded.expiry, revision = excluded.revision),"
+            f" deleted AS (DELETE FROM {self.table}"
+            " WHERE key IN (SELECT k FROM last WHERE NOT is_set))"
+            " SELECT revision FROM batch ORDER BY n"
         )
         # Rows as the engine hands them on: expiry as exact microseconds.
         row = "key, value, (extract(epoch FROM expiry) * 1000000)::bigint, revision"

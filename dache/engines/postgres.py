@@ -2,9 +2,9 @@
 The PostgreSQL durability engine: every acknowledged set and delete is a row
 change committed in PostgreSQL (through txpostgres) before it is visible.
 
-- write(batch) is one statement, so one transaction: the last change per key
-  wins, sets become one `unnest` upsert and deletes one `DELETE ... = ANY`,
-  and every change gets a revision from the table's sequence.
+- write(batch) is one statement, so one transaction: every change gets a
+  revision from the table's sequence, in batch order; the last change per key
+  wins, the sets as one `unnest` upsert and the deletes as one DELETE.
 - load(apply) connects (retrying with backoff for POSTGRES_CONNECT_TIMEOUT),
   creates or migrates the table (see pg_schema), then streams the live rows
   through a server-side cursor in chunks.
@@ -333,23 +333,20 @@ class PostgresEngine:
     def _write(self, changes: list[Change]) -> Any:
         if self._in_doubt:
             yield self._resolve_in_doubt()
-        last: dict[str, Change] = {}
+        keys, values, expiries, is_set = [], [], [], []
         for change in changes:
-            last[change.key] = change  # the last change per key wins
-        set_keys, values, expiries, delete_keys = [], [], [], []
-        # In key order, so concurrent writers (other nodes) lock rows in one order.
-        for key, change in sorted(last.items()):
+            keys.append(change.key)
             if change.kind == SET:
-                set_keys.append(key)
                 values.append(change.value_json.decode("utf-8"))
                 expiries.append(None if change.expiry is None else to_timestamp(change.expiry))
+                is_set.append(True)
             else:
-                delete_keys.append(key)
-        params = (set_keys, values, expiries, delete_keys, delete_keys)
-        rows = yield self._run_write(params, last.keys())
-        revisions = dict(rows)
-        for change in changes:
-            change.revision = revisions[change.key]
+                values.append(None)
+                expiries.append(None)
+                is_set.append(False)
+        rows = yield self._run_write((keys, values, expiries, is_set), set(keys))
+        for change, (revision,) in zip(changes, rows, strict=True):
+            change.revision = revision
             if change.expiry is not None:
                 change.expiry = to_micros_float(change.expiry)
 
