@@ -19,7 +19,7 @@ from typing import Any
 
 from twisted.application import service
 from twisted.internet import endpoints
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -121,6 +121,11 @@ class DacheService(service.Service):
             write_timeout=config.write_timeout,
             revision=self.cache.max_revision(),
         )
+        # Changes the engine learns of outside this node's writes (e.g. the
+        # re-read of a write whose outcome was unknown) go straight to memory.
+        subscribe = getattr(self.engine, "subscribe", None)
+        if subscribe is not None:
+            subscribe(self._apply_loaded)
         self._sweeper = LoopingCall(self._sweep)
         self._sweeper.clock = reactor
         self._sweeper.start(SWEEP_INTERVAL, now=False)
@@ -182,6 +187,11 @@ class DacheService(service.Service):
         self.cache.expire(self.reactor.seconds())
 
     def _start_failed(self, failure: Failure) -> None:
+        if failure.check(CancelledError) and not self.running:
+            # Stopped while starting (e.g. SIGTERM while waiting for the engine).
+            self.log.info("start-up cancelled")
+            self.ready.errback(failure)
+            return
         reason = failure.value
         if not isinstance(reason, StartupError | ConfigError):
             self.log.failure("dache could not start", failure)
