@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote_to_bytes
 
 from klein import Klein
@@ -27,6 +27,11 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 from dache.cache import Cache, render_json
 from dache.committer import Committer
 from dache.engines import ANY, Change, EngineUnavailable, PreconditionFailed
+from dache.health import HealthMonitor
+from dache.health import respond as health_response
+
+if TYPE_CHECKING:
+    from dache.metrics import Metrics
 
 KEY_PREFIX = b"/dache/"
 WRITE_FIELDS = ("value", "expiry", "ttl")
@@ -181,6 +186,8 @@ class DacheAPI:
         clock: Any,
         max_key_bytes: int = 1024,
         max_value_bytes: int = 1024 * 1024,
+        health: HealthMonitor | None = None,
+        metrics: Metrics | None = None,
         access: Any = None,
     ):
         self.access = access  # a dache.auth.Access, or None: no access control
@@ -189,6 +196,10 @@ class DacheAPI:
         self.clock = clock
         self.max_key_bytes = max_key_bytes
         self.max_value_bytes = max_value_bytes
+        if health is None:
+            health = HealthMonitor(committer.engine, committer, cache, clock)
+        self.monitor = health
+        self.metrics = metrics  # None: METRICS=false
 
     def resource(self) -> Resource:
         return DacheResource(self)
@@ -232,10 +243,25 @@ class DacheAPI:
         key = parse_key(request.path, self.max_key_bytes)
         return apply_preconditions(request, Change.delete(key))
 
+    # -- health and metrics (see dache.health, dache.metrics)
+
     @app.route("/health", methods=["GET", "HEAD"])
-    def health(self, request: IRequest) -> bytes:
-        request.setHeader(b"content-type", b"application/health+json")
-        return render_json({"status": "pass"})
+    def health(self, request: IRequest) -> Deferred[bytes]:
+        return self.monitor.health().addCallback(health_response, request)
+
+    @app.route("/health/live", methods=["GET", "HEAD"])
+    def health_live(self, request: IRequest) -> Deferred[bytes]:
+        return self.monitor.live().addCallback(health_response, request)
+
+    @app.route("/health/ready", methods=["GET", "HEAD"])
+    def health_ready(self, request: IRequest) -> Deferred[bytes]:
+        return self.monitor.ready().addCallback(health_response, request)
+
+    @app.route("/metrics", methods=["GET", "HEAD"])
+    def scrape(self, request: IRequest) -> Deferred[bytes]:
+        if self.metrics is None:
+            raise APIError(404, "metrics are turned off (METRICS=false)")
+        return self.metrics.render(request)
 
     # -- writes
 

@@ -95,6 +95,11 @@ class Committer:
     def busy(self) -> bool:
         return self._in_flight is not None or self._queued is not None
 
+    @property
+    def closing(self) -> bool:
+        """True once drain() was called: no new writes are taken."""
+        return self._closing
+
     def drain(self) -> Deferred[None]:
         """Refuse new writes; fire when every queued and in-flight write is done."""
         self._closing = True

@@ -17,6 +17,7 @@ from typing import Any
 from twisted.python import usage
 
 from dache.engines import REGISTRY
+from dache.engines.pg_schema import parse_table_name
 
 
 class ConfigError(Exception):
@@ -130,6 +131,63 @@ SETTINGS: list[Setting] = [
         one_of(*ENGINE_NAMES),
         "Where acknowledged writes are made durable: " + ", ".join(ENGINE_NAMES) + ".",
     ),
+    # -- the postgres engine (checked by dache.engines.postgres when it is chosen)
+    Setting(
+        "POSTGRES_HOST",
+        "postgres-host",
+        None,
+        non_empty,
+        "PostgreSQL host name or address, or a Unix socket directory (postgres engine).",
+    ),
+    Setting("POSTGRES_PORT", "postgres-port", "5432", parse_port, "PostgreSQL port."),
+    Setting("POSTGRES_DATABASE", "postgres-database", None, non_empty, "PostgreSQL database."),
+    Setting("POSTGRES_USER", "postgres-user", None, non_empty, "PostgreSQL user."),
+    Setting(
+        "POSTGRES_PASSWORD",
+        "postgres-password",
+        None,
+        plain_text,
+        "PostgreSQL password; never logged. Prefer POSTGRES_PASSWORD_FILE.",
+        secret=True,
+    ),
+    Setting(
+        "POSTGRES_PASSWORD_FILE",
+        "postgres-password-file",
+        None,
+        non_empty,
+        "File holding the PostgreSQL password (e.g. a container secret); "
+        "trailing newlines are ignored.",
+    ),
+    Setting(
+        "POSTGRES_SSLMODE",
+        "postgres-sslmode",
+        None,
+        one_of("disable", "allow", "prefer", "require", "verify-ca", "verify-full"),
+        "libpq sslmode: disable, allow, prefer, require, verify-ca, verify-full "
+        "(unset: libpq's default, prefer).",
+    ),
+    Setting(
+        "POSTGRES_TABLE",
+        "postgres-table",
+        "dache",
+        parse_table_name,
+        "Table holding the entries, optionally schema-qualified; created if absent, "
+        "migrated in place if it has dache 0.3.0's shape.",
+    ),
+    Setting(
+        "POSTGRES_POOL_SIZE",
+        "postgres-pool-size",
+        "2",
+        positive_int,
+        "PostgreSQL connections; writes use one at a time, purges and health checks the rest.",
+    ),
+    Setting(
+        "POSTGRES_CONNECT_TIMEOUT",
+        "postgres-connect-timeout",
+        "30",
+        positive_seconds,
+        "Seconds to keep retrying PostgreSQL at start-up before exiting with an error.",
+    ),
     Setting(
         "MAX_KEY_BYTES",
         "max-key-bytes",
@@ -172,6 +230,27 @@ SETTINGS: list[Setting] = [
         "false",
         parse_bool,
         "Replace keys with a placeholder in access-log lines.",
+    ),
+    Setting(
+        "LOG_FORMAT",
+        "log-format",
+        "text",
+        one_of("text", "json"),
+        "Log lines as human-readable text, or as one JSON object per line (for log shippers).",
+    ),
+    Setting(
+        "METRICS",
+        "metrics",
+        "true",
+        parse_bool,
+        "Serve Prometheus metrics at /metrics and count requests for them.",
+    ),
+    Setting(
+        "HEALTH_TIMEOUT",
+        "health-timeout",
+        "1",
+        positive_seconds,
+        "Seconds /health waits for the engine's round trip before reporting it down.",
     ),
     # -- access control and connection limits (dache/auth.py, dache/channel.py)
     Setting(

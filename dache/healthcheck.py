@@ -19,7 +19,7 @@ from collections.abc import Mapping
 
 from dache.config import ConfigError, resolve
 
-PATH = "/health"  # TODO(obs): /health/live once that route lands
+PATH = "/health/live"  # liveness: never asks the engine, so an outage restarts nothing
 TIMEOUT = 3.0
 
 

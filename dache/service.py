@@ -19,7 +19,7 @@ from typing import Any
 
 from twisted.application import service
 from twisted.internet import endpoints
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -31,7 +31,10 @@ from dache.cache import Cache
 from dache.committer import Committer
 from dache.config import Config, ConfigError
 from dache.engines import SET, Change, create_engine
+from dache.health import HealthMonitor
 from dache.http import DacheSite
+from dache.logs import offer_observer
+from dache.metrics import Metrics
 from dache.workers import LISTEN_FD_ENV, WorkerPool, is_worker, watch_supervisor
 
 SWEEP_INTERVAL = 1.0  # seconds between expiry sweeps
@@ -58,6 +61,7 @@ class DacheService(service.Service):
     """One dache node: engine, cache, committer and HTTP listener."""
 
     log = Logger()
+    log_observer: Any = None  # set by dache.tap for LOG_FORMAT=json
 
     def __init__(self, config: Config, reactor: Any = None):
         if reactor is None:
@@ -68,6 +72,8 @@ class DacheService(service.Service):
         self.engine: Any = None
         self.committer: Committer | None = None
         self.api: DacheAPI | None = None
+        self.health: HealthMonitor | None = None
+        self.metrics: Metrics | None = None
         self.site: DacheSite | None = None
         self.port: Any = None
         self.started_at: float | None = None
@@ -77,6 +83,11 @@ class DacheService(service.Service):
         self._supervisor_watch: LoopingCall | None = None
         self.ready: Deferred[None] = Deferred()  # fires once listening
         self.systemd: systemd.SystemdNotifier | None = None
+
+    def setServiceParent(self, parent: Any) -> None:
+        # twistd picks its log observer from the application after this.
+        offer_observer(parent, self.log_observer)
+        super().setServiceParent(parent)
 
     def startService(self) -> None:
         super().startService()
@@ -89,6 +100,7 @@ class DacheService(service.Service):
     @inlineCallbacks
     def _start(self) -> Any:
         config, reactor = self.config, self.reactor
+        starting_at = reactor.seconds()  # uptime counts from here
         self.engine = create_engine(config, reactor)
         self.log.info("engine: {engine}", engine=self.engine.name)
 
@@ -99,10 +111,11 @@ class DacheService(service.Service):
             self.cache.expire(reactor.seconds())
         finally:
             gcpolicy.settle()
+        load_seconds = time.monotonic() - began
         self.log.info(
-            "loaded {count} entries in {seconds:.3f}s",
-            count=len(self.cache),
-            seconds=time.monotonic() - began,
+            "loaded {entries} entries in {load_seconds:.3f}s",
+            entries=len(self.cache),
+            load_seconds=load_seconds,
         )
 
         self.committer = Committer(
@@ -112,16 +125,33 @@ class DacheService(service.Service):
             write_timeout=config.write_timeout,
             revision=self.cache.max_revision(),
         )
+        # Changes the engine learns of outside this node's writes (e.g. the
+        # re-read of a write whose outcome was unknown) go straight to memory.
+        subscribe = getattr(self.engine, "subscribe", None)
+        if subscribe is not None:
+            subscribe(self._apply_loaded)
         self._sweeper = LoopingCall(self._sweep)
         self._sweeper.clock = reactor
         self._sweeper.start(SWEEP_INTERVAL, now=False)
 
+        self.health = HealthMonitor(
+            self.engine,
+            self.committer,
+            self.cache,
+            reactor,
+            timeout=config.health_timeout,
+            started_at=starting_at,
+        )
+        if config.metrics:
+            self.metrics = Metrics(self.cache, self.committer, self.health, load_seconds)
         self.api = DacheAPI(
             self.cache,
             self.committer,
             reactor,
             max_key_bytes=config.max_key_bytes,
             max_value_bytes=config.max_value_bytes,
+            health=self.health,
+            metrics=self.metrics,
             access=Access.from_config(config),
         )
         self.site = DacheSite(
@@ -129,6 +159,7 @@ class DacheService(service.Service):
             max_body_bytes=config.max_value_bytes,
             access_log=config.access_log,
             redact_keys=config.logging_redact_keys,
+            metrics=self.metrics,
             timeout=config.idle_timeout,
             request_timeout=config.request_timeout,
         )
@@ -160,6 +191,11 @@ class DacheService(service.Service):
         self.cache.expire(self.reactor.seconds())
 
     def _start_failed(self, failure: Failure) -> None:
+        if failure.check(CancelledError) and not self.running:
+            # Stopped while starting (e.g. SIGTERM while waiting for the engine).
+            self.log.info("start-up cancelled")
+            self.ready.errback(failure)
+            return
         reason = failure.value
         if not isinstance(reason, StartupError | ConfigError):
             self.log.failure("dache could not start", failure)

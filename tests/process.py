@@ -2,7 +2,8 @@
 Run `twistd -n dache` as a subprocess and talk to it over a real socket.
 
 The node listens on an ephemeral port (`--listen tcp:0:interface=127.0.0.1`)
-and reports it on its "listening on" log line, so tests never race for ports.
+and reports it on its "listening on" log line (text, or the message of a
+LOG_FORMAT=json line), so tests never race for ports.
 """
 
 from __future__ import annotations
@@ -22,6 +23,16 @@ from urllib.parse import quote
 
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 LISTENING = re.compile(r"listening on tcp:[^:]+:(\d+)")
+
+
+def _message(line: str) -> str:
+    """A log line's text: the "message" of a LOG_FORMAT=json line, else the line."""
+    if line.startswith("{"):
+        try:
+            return str(json.loads(line).get("message", ""))
+        except ValueError:
+            pass
+    return line
 
 
 class DacheProcess:
@@ -62,7 +73,7 @@ class DacheProcess:
         assert self.proc is not None and self.proc.stdout is not None
         for line in self.proc.stdout:
             self.lines.append(line.rstrip("\n"))
-            match = LISTENING.search(line)
+            match = LISTENING.search(_message(line))
             if match and self.port is None:
                 self.port = int(match.group(1))
                 self._listening.set()
@@ -99,6 +110,10 @@ class DacheProcess:
 
     def output(self) -> str:
         return "\n".join(self.lines)
+
+    def json_lines(self) -> list[dict[str, Any]]:
+        """The output under LOG_FORMAT=json: one object per line (ValueError if not)."""
+        return [json.loads(line) for line in list(self.lines)]
 
     # -- HTTP
 

@@ -16,7 +16,11 @@ engine never holds its whole content twice. A failed write must leave the
 engine's content as it was before the batch (all or nothing), and errback
 with EngineUnavailable carrying a message fit for a client (no secrets).
 
-Optional: subscribe(callback) for engines that see other nodes' changes.
+Optional: subscribe(callback) for engines that learn of committed changes this
+node did not apply itself (other nodes' changes; the postgres engine's re-read of
+a write whose outcome was unknown): the service applies each callback(change) to
+memory. And a static check_config(config) that raises ConfigError, which
+`twistd dache` calls before start-up so a bad engine setting is one line.
 """
 
 from __future__ import annotations
@@ -152,11 +156,21 @@ class Engine(Protocol):
 # name -> "module:Class"; each class has from_config(config, reactor).
 REGISTRY = {
     "memory": "dache.engines.memory:MemoryEngine",
+    "postgres": "dache.engines.postgres:PostgresEngine",
 }
 
 
-def create_engine(config: Config, reactor: Any) -> Engine:
-    name = config.durability_engine
+def engine_class(name: str) -> Any:
     module_name, _, class_name = REGISTRY[name].partition(":")
-    engine_class = getattr(importlib.import_module(module_name), class_name)
-    return engine_class.from_config(config, reactor)
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def create_engine(config: Config, reactor: Any) -> Engine:
+    return engine_class(config.durability_engine).from_config(config, reactor)
+
+
+def check_engine_config(config: Config) -> None:
+    """Before start-up: the chosen engine's own settings, or ConfigError (one line)."""
+    check = getattr(engine_class(config.durability_engine), "check_config", None)
+    if check is not None:
+        check(config)
