@@ -19,6 +19,10 @@ Options = _config.Options
 def makeService(options: Any) -> service.DacheService:
     try:
         config = _config.resolve(options, os.environ)
+        if options.get("repair"):
+            from dache.engines.disk import repair_command
+
+            raise SystemExit(repair_command(config))
         service.validate_endpoint(config, _reactor())
     except _config.ConfigError as e:
         sys.stderr.write(f"dache: configuration error: {e}\n")

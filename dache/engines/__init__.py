@@ -16,7 +16,11 @@ engine never holds its whole content twice. A failed write must leave the
 engine's content as it was before the batch (all or nothing), and errback
 with EngineUnavailable carrying a message fit for a client (no secrets).
 
-Optional: subscribe(callback) for engines that see other nodes' changes.
+Optional: subscribe(callback) for engines that see other nodes' changes;
+attach(cache), called after load, for engines that read the live entries
+(the disk engine's compaction); a `revision` attribute, the highest revision
+the engine holds after load (deletes included), which the committer goes on
+from.
 """
 
 from __future__ import annotations
@@ -100,6 +104,7 @@ class Engine(Protocol):
 # name -> "module:Class"; each class has from_config(config, reactor).
 REGISTRY = {
     "memory": "dache.engines.memory:MemoryEngine",
+    "disk": "dache.engines.disk:DiskEngine",
 }
 
 
