@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from dache.engines.disklog import (
@@ -37,7 +37,7 @@ class Aborted(Exception):
 def compact(
     path: str,
     log_path: str,
-    entries: Iterable[tuple[str, Any]],
+    entries: Mapping[str, Any],
     now: float,
     base_revision: int,
     start: int,
@@ -46,7 +46,7 @@ def compact(
 ) -> tuple[int, int]:
     """
     Write a compacted log to `path`: a header with `base_revision`, the
-    entries that are live at `now`, then the old log's records from `start`
+    entries (key -> cache Entry) that are live at `now`, then the old log's records from `start`
     to (nearly) its current end. Returns (entries kept, offset in the old log
     copied up to). Raises OSError or Aborted; the caller removes `path`.
     """
@@ -66,13 +66,11 @@ def compact(
     return kept, copied_to
 
 
-def _write_entries(
-    fd: int, entries: Iterable[tuple[str, Any]], now: float, abort: threading.Event
-) -> int:
+def _write_entries(fd: int, entries: Mapping[str, Any], now: float, abort: threading.Event) -> int:
     kept = 0
     parts: list[bytes] = []
     size = 0
-    for key, entry in entries:
+    for key, entry in entries.items():
         expiry = entry.expiry
         if expiry is not None and expiry <= now:
             continue  # expired entries are dropped here, as at replay

@@ -76,6 +76,7 @@ dache.log and fsyncs the directory. Writes are acknowledged throughout.
 from __future__ import annotations
 
 import fcntl
+import gc
 import os
 import shutil
 import threading
@@ -198,7 +199,15 @@ class DiskEngine:
             apply(change)
 
         began = time.monotonic()
-        result = scan(self.path, replay)
+        # Replay makes millions of objects that all live on: collecting
+        # garbage among them as they arrive costs a quarter of the time.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            result = scan(self.path, replay)
+        finally:
+            if collecting:
+                gc.enable()
         problem = result.problem
         if problem is not None and not problem.torn:
             raise StartupError(corruption_message(self.path, problem, result.size))
@@ -345,7 +354,7 @@ class DiskEngine:
         self._compacting = True
         # Taken on the reactor between two batches: the cache holds exactly
         # the log up to log_bytes, and later batches are in the log after it.
-        entries = list(self._cache.items())
+        entries = self._cache.entries()
         start, before = self.log_bytes, self.log_bytes
         writer = self._writer
         self.log.info(
