@@ -9,12 +9,15 @@ PYTEST_ARGS ?=
 
 install: $(STAMP)
 
-# editable_mode=compat puts the checkout itself on sys.path, which is how
-# twistd finds the twisted/plugins/dache_plugin.py dropin.
+# twistd finds the twisted/plugins/dache_plugin.py dropin by scanning
+# twisted/plugins folders on sys.path, and setuptools' editable install does not
+# put the checkout there: a .pth file does.
 $(STAMP): setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test,bench]' --config-settings editable_mode=compat
+	$(BIN)/pip install --quiet -e '.[test,bench]'
+	echo "$(CURDIR)" > "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/dache-checkout.pth"
+	$(BIN)/twistd --help | grep -q ' dache ' || { echo "twistd does not list dache" >&2; exit 1; }
 	touch $(STAMP)
 
 run: install

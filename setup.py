@@ -10,7 +10,7 @@ setup(
     packages=find_packages(include=["dache", "dache.*"]) + ["twisted.plugins"],
     package_data={"twisted": ["plugins/dache_plugin.py"]},
     install_requires=[
-        "Twisted>=24.7",
+        "Twisted[tls]>=24.7",  # tls: the ssl: endpoint (--listen ssl:8443:...)
         "klein>=24.8",
         "txpostgres>=1.7",
         "psycopg2-binary>=2.9",
@@ -23,6 +23,7 @@ setup(
             "pytest-twisted>=1.14",
             "treq>=24.9",
             "ruff>=0.6",
+            "cryptography>=42",  # throwaway certificates for the TLS tests
         ],
         "bench": [
             "matplotlib>=3.8",

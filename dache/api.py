@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote_to_bytes
 
 from klein import Klein
@@ -25,7 +25,12 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from dache.cache import Cache, render_json
 from dache.committer import Committer
-from dache.engines import Change, EngineUnavailable
+from dache.engines import ANY, Change, EngineUnavailable, PreconditionFailed
+from dache.health import HealthMonitor
+from dache.health import respond as health_response
+
+if TYPE_CHECKING:
+    from dache.metrics import Metrics
 
 KEY_PREFIX = b"/dache/"
 WRITE_FIELDS = ("value", "expiry", "ttl")
@@ -65,6 +70,37 @@ def parse_key(path: bytes, max_key_bytes: int) -> str:
     if "\x00" in key:
         raise APIError(400, "key must not contain a NUL character")
     return key
+
+
+def etag(revision: int) -> bytes:
+    return b'"%d"' % revision
+
+
+def parse_etags(header: bytes | None, name: str) -> str | tuple[int, ...] | None:
+    """An If-Match / If-None-Match value: None, ANY, or the revisions it lists."""
+    if header is None:
+        return None
+    header = header.strip()
+    if header == b"*":
+        return ANY
+    revisions = []
+    for tag in header.split(b","):
+        tag = tag.strip()
+        if tag.startswith(b"W/"):
+            continue  # a weak tag never matches a strong comparison
+        if len(tag) < 3 or not (tag.startswith(b'"') and tag.endswith(b'"')):
+            raise APIError(400, f'{name} must be * or a list of ETags like "12"')
+        try:
+            revisions.append(int(tag[1:-1]))
+        except ValueError:
+            revisions.append(-1)  # not one of ours: can never match
+    return tuple(revisions)
+
+
+def apply_preconditions(request: IRequest, change: Change) -> Change:
+    change.if_match = parse_etags(request.getHeader(b"if-match"), "If-Match")
+    change.if_none_match = parse_etags(request.getHeader(b"if-none-match"), "If-None-Match")
+    return change
 
 
 def _number(field: str, value: Any) -> float:
@@ -135,12 +171,20 @@ class DacheAPI:
         clock: Any,
         max_key_bytes: int = 1024,
         max_value_bytes: int = 1024 * 1024,
+        health: HealthMonitor | None = None,
+        metrics: Metrics | None = None,
+        access: Any = None,
     ):
+        self.access = access  # a dache.auth.Access, or None: no access control
         self.cache = cache
         self.committer = committer
         self.clock = clock
         self.max_key_bytes = max_key_bytes
         self.max_value_bytes = max_value_bytes
+        if health is None:
+            health = HealthMonitor(committer.engine, committer, cache, clock)
+        self.monitor = health
+        self.metrics = metrics  # None: METRICS=false
 
     def resource(self) -> Resource:
         return DacheResource(self)
@@ -159,6 +203,7 @@ class DacheAPI:
         if entry is None:
             raise APIError(404, "key not found")
         request.setHeader(b"content-type", JSON)
+        request.setHeader(b"etag", etag(entry.revision))
         return entry.body
 
     @app.route("/dache/<path:_key>", methods=["POST", "PUT"])
@@ -168,17 +213,32 @@ class DacheAPI:
         if len(body) > self.max_value_bytes:
             raise APIError(413, f"body is over the {self.max_value_bytes}-byte limit")
         change = parse_write(body, key, self.clock.seconds())
-        return self._commit(request, change)
+        return self._commit(request, apply_preconditions(request, change))
 
     @app.route("/dache/<path:_key>", methods=["DELETE"])
     def delete(self, request: IRequest, _key: str) -> Deferred[bytes]:
         key = parse_key(request.path, self.max_key_bytes)
-        return self._commit(request, Change.delete(key))
+        return self._commit(request, apply_preconditions(request, Change.delete(key)))
+
+    # -- health and metrics (see dache.health, dache.metrics)
 
     @app.route("/health", methods=["GET", "HEAD"])
-    def health(self, request: IRequest) -> bytes:
-        request.setHeader(b"content-type", b"application/health+json")
-        return render_json({"status": "pass"})
+    def health(self, request: IRequest) -> Deferred[bytes]:
+        return self.monitor.health().addCallback(health_response, request)
+
+    @app.route("/health/live", methods=["GET", "HEAD"])
+    def health_live(self, request: IRequest) -> Deferred[bytes]:
+        return self.monitor.live().addCallback(health_response, request)
+
+    @app.route("/health/ready", methods=["GET", "HEAD"])
+    def health_ready(self, request: IRequest) -> Deferred[bytes]:
+        return self.monitor.ready().addCallback(health_response, request)
+
+    @app.route("/metrics", methods=["GET", "HEAD"])
+    def scrape(self, request: IRequest) -> Deferred[bytes]:
+        if self.metrics is None:
+            raise APIError(404, "metrics are turned off (METRICS=false)")
+        return self.metrics.render(request)
 
     # -- writes
 
@@ -190,11 +250,21 @@ class DacheAPI:
     @staticmethod
     def _acknowledged(revision: int, request: IRequest) -> bytes:
         request.setResponseCode(204)
+        if revision:
+            request.setHeader(b"etag", etag(revision))
         return b""
 
     def _write_failed(self, failure: Failure, request: IRequest) -> bytes | None:
         if failure.check(CancelledError):
             return None  # the client went away; the write itself carries on
+        if failure.check(PreconditionFailed):
+            current = failure.value.current_revision
+            if current is None:
+                return self._error(request, 412, "precondition failed: the key is absent")
+            request.setHeader(b"etag", etag(current))
+            return self._error(
+                request, 412, f'precondition failed: the key\'s current ETag is "{current}"'
+            )
         if failure.check(EngineUnavailable):
             request.setHeader(b"retry-after", b"1")
             return self._error(request, 503, str(failure.value))
@@ -257,6 +327,7 @@ class DacheResource(Resource):
         super().__init__()
         self.api = api
         self.klein = api.app.resource()
+        self.access = api.access
         self.key_methods = {
             b"GET": api.get,
             b"HEAD": api.get,
@@ -266,6 +337,10 @@ class DacheResource(Resource):
         }
 
     def render(self, request: IRequest) -> bytes | int:
+        if self.access is not None:  # the one access check, for every route
+            refusal = self.access.refuse(request)
+            if refusal is not None:
+                return refusal
         handler = self.key_methods.get(request.method)
         if handler is None or not request.path.startswith(KEY_PREFIX):
             return self.klein.render(request)

@@ -24,7 +24,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from dache.cache import Cache
-from dache.engines import SET, Change, Engine, EngineUnavailable
+from dache.engines import SET, Change, Engine, EngineUnavailable, PreconditionFailed
 
 
 class WriteTimeout(EngineUnavailable):
@@ -94,6 +94,11 @@ class Committer:
     def busy(self) -> bool:
         return self._in_flight is not None or self._queued is not None
 
+    @property
+    def closing(self) -> bool:
+        """True once drain() was called: no new writes are taken."""
+        return self._closing
+
     def drain(self) -> Deferred[None]:
         """Refuse new writes; fire when every queued and in-flight write is done."""
         self._closing = True
@@ -110,6 +115,12 @@ class Committer:
         self._queued = None
         self._in_flight = batch
         batch.in_flight = True
+        if not getattr(self.engine, "decides_preconditions", False):
+            self._check_preconditions(batch)
+            if not batch.changes:
+                self._answer(batch)
+                self._next()
+                return
         for change in batch.changes:
             self.revision += 1
             change.revision = self.revision
@@ -119,27 +130,67 @@ class Committer:
             self._written, self._failed, callbackArgs=(batch, started), errbackArgs=(batch,)
         )
 
+    def _check_preconditions(self, batch: _Batch) -> None:
+        """
+        Decide preconditions against memory as it will be when each change is
+        applied: memory holds every earlier batch (one batch is in flight at a
+        time), plus the earlier changes of this batch. A change whose
+        precondition fails is answered 412 and leaves the batch.
+        """
+        now = self.clock.seconds()
+        ahead: dict[str, int | None] = {}  # key -> revision after earlier changes here
+        next_revision = self.revision
+        kept_changes, kept_waiters = [], []
+        for change, waiter in zip(batch.changes, batch.waiters, strict=True):
+            next_revision += 1
+            if change.key in ahead:
+                current = ahead[change.key]
+            else:
+                entry = self.cache.get(change.key, now)
+                current = None if entry is None else entry.revision
+            if change.conditional and not change.precondition_holds(current):
+                next_revision -= 1
+                if not batch.answered:
+                    waiter.errback(Failure(PreconditionFailed(current)))
+                continue
+            ahead[change.key] = next_revision if change.kind == SET else None
+            kept_changes.append(change)
+            kept_waiters.append(waiter)
+        batch.changes, batch.waiters = kept_changes, kept_waiters
+
     def _written(self, _: object, batch: _Batch, started: float) -> None:
         if batch.timer.active():
             batch.timer.cancel()
         cache = self.cache
         for change in batch.changes:
+            if change.rejected:
+                continue
             if change.kind == SET:
                 cache.set(change.key, change.value_json, change.expiry, change.revision)
             else:
                 cache.delete(change.key)
-        if batch.changes:
-            self.revision = max(self.revision, batch.changes[-1].revision)
+        applied = [c.revision for c in batch.changes if not c.rejected]
+        if applied:
+            self.revision = max(self.revision, *applied)
         self.batches += 1
         self.changes += len(batch.changes)
         self.last_error = None
         for observer in self.on_batch:
             observer(len(batch.changes), self.clock.seconds() - started)
-        if not batch.answered:
-            batch.answered = True
-            for change, waiter in zip(batch.changes, batch.waiters, strict=True):
-                waiter.callback(change.revision)
+        self._answer(batch)
         self._next()
+
+    def _answer(self, batch: _Batch) -> None:
+        if batch.answered:
+            return
+        batch.answered = True
+        if batch.timer.active():
+            batch.timer.cancel()
+        for change, waiter in zip(batch.changes, batch.waiters, strict=True):
+            if change.rejected:
+                waiter.errback(Failure(PreconditionFailed(change.revision or None)))
+            else:
+                waiter.callback(change.revision)
 
     def _failed(self, failure: Failure, batch: _Batch) -> None:
         if batch.timer.active():

@@ -17,6 +17,7 @@ from typing import Any
 from twisted.python import usage
 
 from dache.engines import REGISTRY
+from dache.engines.pg_schema import parse_table_name
 
 
 class ConfigError(Exception):
@@ -109,6 +110,16 @@ def non_empty(text: str) -> str:
     return text
 
 
+def bearer_token(text: str) -> str:
+    # Empty is refused rather than read as "auth off": an unset variable
+    # interpolated to "" must not silently open the cache.
+    if not text:
+        raise ValueError("must not be empty (unset it to turn access control off)")
+    if not all("!" <= c <= "~" for c in text):
+        raise ValueError("must be printable ASCII without spaces")
+    return text
+
+
 # Engine names accepted by DURABILITY_ENGINE: the registry in dache.engines.
 ENGINE_NAMES = tuple(REGISTRY)
 
@@ -129,6 +140,63 @@ SETTINGS: list[Setting] = [
         "disk",
         one_of(*ENGINE_NAMES),
         "Where acknowledged writes are made durable: " + ", ".join(ENGINE_NAMES) + ".",
+    ),
+    # -- the postgres engine (checked by dache.engines.postgres when it is chosen)
+    Setting(
+        "POSTGRES_HOST",
+        "postgres-host",
+        None,
+        non_empty,
+        "PostgreSQL host name or address, or a Unix socket directory (postgres engine).",
+    ),
+    Setting("POSTGRES_PORT", "postgres-port", "5432", parse_port, "PostgreSQL port."),
+    Setting("POSTGRES_DATABASE", "postgres-database", None, non_empty, "PostgreSQL database."),
+    Setting("POSTGRES_USER", "postgres-user", None, non_empty, "PostgreSQL user."),
+    Setting(
+        "POSTGRES_PASSWORD",
+        "postgres-password",
+        None,
+        plain_text,
+        "PostgreSQL password; never logged. Prefer POSTGRES_PASSWORD_FILE.",
+        secret=True,
+    ),
+    Setting(
+        "POSTGRES_PASSWORD_FILE",
+        "postgres-password-file",
+        None,
+        non_empty,
+        "File holding the PostgreSQL password (e.g. a container secret); "
+        "trailing newlines are ignored.",
+    ),
+    Setting(
+        "POSTGRES_SSLMODE",
+        "postgres-sslmode",
+        None,
+        one_of("disable", "allow", "prefer", "require", "verify-ca", "verify-full"),
+        "libpq sslmode: disable, allow, prefer, require, verify-ca, verify-full "
+        "(unset: libpq's default, prefer).",
+    ),
+    Setting(
+        "POSTGRES_TABLE",
+        "postgres-table",
+        "dache",
+        parse_table_name,
+        "Table holding the entries, optionally schema-qualified; created if absent, "
+        "migrated in place if it has dache 0.3.0's shape.",
+    ),
+    Setting(
+        "POSTGRES_POOL_SIZE",
+        "postgres-pool-size",
+        "2",
+        positive_int,
+        "PostgreSQL connections; writes use one at a time, purges and health checks the rest.",
+    ),
+    Setting(
+        "POSTGRES_CONNECT_TIMEOUT",
+        "postgres-connect-timeout",
+        "30",
+        positive_seconds,
+        "Seconds to keep retrying PostgreSQL at start-up before exiting with an error.",
     ),
     Setting(
         "DISK_PATH",
@@ -180,6 +248,14 @@ SETTINGS: list[Setting] = [
         "Seconds a set or delete waits for the engine before answering 503.",
     ),
     Setting(
+        "WORKERS",
+        "workers",
+        "1",
+        positive_int,
+        "Processes serving the one listening socket, each a node of the cluster; "
+        "more than 1 needs the postgres engine.",
+    ),
+    Setting(
         "ACCESS_LOG",
         "access-log",
         "false",
@@ -192,6 +268,74 @@ SETTINGS: list[Setting] = [
         "false",
         parse_bool,
         "Replace keys with a placeholder in access-log lines.",
+    ),
+    Setting(
+        "LOG_FORMAT",
+        "log-format",
+        "text",
+        one_of("text", "json"),
+        "Log lines as human-readable text, or as one JSON object per line (for log shippers).",
+    ),
+    Setting(
+        "METRICS",
+        "metrics",
+        "true",
+        parse_bool,
+        "Serve Prometheus metrics at /metrics and count requests for them.",
+    ),
+    Setting(
+        "HEALTH_TIMEOUT",
+        "health-timeout",
+        "1",
+        positive_seconds,
+        "Seconds /health waits for the engine's round trip before reporting it down.",
+    ),
+    # -- access control and connection limits (dache/auth.py, dache/channel.py)
+    Setting(
+        "AUTH_TOKEN",
+        "auth-token",
+        None,
+        bearer_token,
+        "Bearer token that may read and write; when set, requests need "
+        "'Authorization: Bearer <token>'. Prefer AUTH_TOKEN_FILE.",
+        secret=True,
+    ),
+    Setting(
+        "AUTH_TOKEN_FILE",
+        "auth-token-file",
+        None,
+        non_empty,
+        "File holding AUTH_TOKEN (surrounding whitespace is ignored).",
+    ),
+    Setting(
+        "AUTH_READ_TOKEN",
+        "auth-read-token",
+        None,
+        bearer_token,
+        "Bearer token that may only read (GET/HEAD); needs AUTH_TOKEN too.",
+        secret=True,
+    ),
+    Setting(
+        "AUTH_READ_TOKEN_FILE",
+        "auth-read-token-file",
+        None,
+        non_empty,
+        "File holding AUTH_READ_TOKEN.",
+    ),
+    Setting(
+        "IDLE_TIMEOUT",
+        "idle-timeout",
+        "60",
+        positive_seconds,
+        "Seconds a connection may sit idle between requests before it is closed.",
+    ),
+    Setting(
+        "REQUEST_TIMEOUT",
+        "request-timeout",
+        "30",
+        positive_seconds,
+        "Seconds a client has to send a whole request (headers and body) once it "
+        "starts; slower ones get 408 and are disconnected.",
     ),
 ]
 
@@ -233,7 +377,21 @@ def resolve(options: Mapping[str, Any], environ: Mapping[str, str]) -> Config:
         except ValueError as e:
             shown = "" if setting.secret else f" (got {raw!r})"
             raise ConfigError(f"{source} {e}{shown}") from None
-    return Config(values)
+    config = Config(values)
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    """Checks that span several settings."""
+    if config.workers > 1:
+        if config.durability_engine != "postgres":
+            raise ConfigError(
+                "WORKERS > 1 needs DURABILITY_ENGINE=postgres: workers are separate nodes "
+                "that share their state through PostgreSQL"
+            )
+        if config.listen and config.listen.split(":", 1)[0] not in ("tcp", "unix", "systemd"):
+            raise ConfigError("WORKERS > 1 works with tcp:, unix: or systemd: LISTEN endpoints")
 
 
 def default_config(**overrides: Any) -> Config:

@@ -6,12 +6,17 @@ and optional access logging with key redaction.
 from __future__ import annotations
 
 from io import BytesIO
-from typing import Any
+from time import perf_counter
+from typing import TYPE_CHECKING, Any
 
 from twisted.logger import Logger
 from twisted.web.server import Request, Site
 
 from dache.api import KEY_PREFIX, error_body
+from dache.channel import DacheChannel
+
+if TYPE_CHECKING:
+    from dache.metrics import Metrics
 
 
 def _too_large_response(limit: int) -> bytes:
@@ -49,6 +54,7 @@ class DacheRequest(Request):
 
     _refused = False
     _received = 0
+    received_at = 0.0  # perf_counter() when the whole request was in: latency starts
 
     def gotLength(self, length: int | None) -> None:
         limit = self.channel.site.max_body_bytes
@@ -79,10 +85,12 @@ class DacheRequest(Request):
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         if self._refused:
             return  # already answered 413; the connection is closing
+        self.received_at = perf_counter()
         super().requestReceived(command, path, version)
 
 
 class DacheSite(Site):
+    protocol = DacheChannel  # HTTP/1.1 with a per-request receive deadline
     requestFactory = DacheRequest
     noisy = False
     access_log = Logger(namespace="dache.access")
@@ -94,14 +102,23 @@ class DacheSite(Site):
         access_log: bool = False,
         redact_keys: bool = False,
         timeout: float | None = Site.timeOut,
+        metrics: Metrics | None = None,
+        request_timeout: float | None = None,
         **kwargs: Any,
     ):
         super().__init__(resource, timeout=timeout, **kwargs)
+        self.request_timeout = request_timeout  # see dache.channel
         self.max_body_bytes = max_body_bytes
         self.log_requests = access_log
         self.redact_keys = redact_keys
+        self.metrics = metrics
 
     def log(self, request: Request) -> None:
+        # Called once per answered request: the one place metrics count requests.
+        if self.metrics is not None:
+            self.metrics.request_finished(
+                request.method, request.path, request.code, perf_counter() - request.received_at
+            )
         # Per-request logging costs about a third of throughput: off by default.
         if not self.log_requests:
             return

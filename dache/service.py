@@ -12,23 +12,30 @@ from __future__ import annotations
 
 import atexit
 import os
+import socket
 import sys
 import time
 from typing import Any
 
 from twisted.application import service
 from twisted.internet import endpoints
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from dache import systemd
 from dache.api import DacheAPI
+from dache.auth import Access
 from dache.cache import Cache
 from dache.committer import Committer
 from dache.config import Config, ConfigError
 from dache.engines import SET, Change, create_engine
+from dache.health import HealthMonitor
 from dache.http import DacheSite
+from dache.logs import offer_observer
+from dache.metrics import Metrics
+from dache.workers import LISTEN_FD_ENV, WorkerPool, is_worker, watch_supervisor
 
 SWEEP_INTERVAL = 1.0  # seconds between expiry sweeps
 
@@ -46,7 +53,7 @@ def validate_endpoint(config: Config, reactor: Any) -> None:
     description = endpoint_description(config)
     try:
         endpoints.serverFromString(reactor, description)
-    except (ValueError, TypeError, KeyError) as e:
+    except Exception as e:  # also OSError, OpenSSL's Error: an ssl: key or cert it can't load
         raise ConfigError(f"--listen/LISTEN is not a valid server endpoint ({e})") from None
 
 
@@ -54,6 +61,7 @@ class DacheService(service.Service):
     """One dache node: engine, cache, committer and HTTP listener."""
 
     log = Logger()
+    log_observer: Any = None  # set by dache.tap for LOG_FORMAT=json
 
     def __init__(self, config: Config, reactor: Any = None):
         if reactor is None:
@@ -64,31 +72,46 @@ class DacheService(service.Service):
         self.engine: Any = None
         self.committer: Committer | None = None
         self.api: DacheAPI | None = None
+        self.health: HealthMonitor | None = None
+        self.metrics: Metrics | None = None
         self.site: DacheSite | None = None
         self.port: Any = None
         self.started_at: float | None = None
         self._sweeper: LoopingCall | None = None
         self._starting: Deferred[None] | None = None
+        self.workers: WorkerPool | None = None
+        self._supervisor_watch: LoopingCall | None = None
         self.ready: Deferred[None] = Deferred()  # fires once listening
+        self.systemd: systemd.SystemdNotifier | None = None
+
+    def setServiceParent(self, parent: Any) -> None:
+        # twistd picks its log observer from the application after this.
+        offer_observer(parent, self.log_observer)
+        super().setServiceParent(parent)
 
     def startService(self) -> None:
         super().startService()
+        self.systemd = systemd.SystemdNotifier.from_environ(self.reactor)
+        if self.systemd is not None:  # READY=1 once self.ready fires
+            self.systemd.follow(self)
         self._starting = self._start()
         self._starting.addErrback(self._start_failed)
 
     @inlineCallbacks
     def _start(self) -> Any:
         config, reactor = self.config, self.reactor
+        starting_at = reactor.seconds()  # uptime counts from here
         self.engine = create_engine(config, reactor)
         self.log.info("engine: {engine}", engine=self.engine.name)
 
         began = time.monotonic()
         yield self.engine.load(self._apply_loaded)
         self.cache.expire(reactor.seconds())
+        load_seconds = time.monotonic() - began
         self.log.info(
-            "loaded {count} entries in {seconds:.3f}s",
-            count=len(self.cache),
-            seconds=time.monotonic() - began,
+            "loaded {entries} entries in {load_seconds:.3f}s",
+            entries=len(self.cache),
+            load_seconds=load_seconds,
         )
 
         attach = getattr(self.engine, "attach", None)
@@ -102,28 +125,61 @@ class DacheService(service.Service):
             # A deleted key's revision is gone from the cache but not from the engine.
             revision=max(self.cache.max_revision(), getattr(self.engine, "revision", 0)),
         )
+        # Changes the engine learns of outside this node's writes (e.g. the
+        # re-read of a write whose outcome was unknown) go straight to memory.
+        subscribe = getattr(self.engine, "subscribe", None)
+        if subscribe is not None:
+            subscribe(self._apply_loaded)
         self._sweeper = LoopingCall(self._sweep)
         self._sweeper.clock = reactor
         self._sweeper.start(SWEEP_INTERVAL, now=False)
 
+        self.health = HealthMonitor(
+            self.engine,
+            self.committer,
+            self.cache,
+            reactor,
+            timeout=config.health_timeout,
+            started_at=starting_at,
+        )
+        if config.metrics:
+            self.metrics = Metrics(self.cache, self.committer, self.health, load_seconds)
         self.api = DacheAPI(
             self.cache,
             self.committer,
             reactor,
             max_key_bytes=config.max_key_bytes,
             max_value_bytes=config.max_value_bytes,
+            health=self.health,
+            metrics=self.metrics,
+            access=Access.from_config(config),
         )
         self.site = DacheSite(
             self.api.resource(),
             max_body_bytes=config.max_value_bytes,
             access_log=config.access_log,
             redact_keys=config.logging_redact_keys,
+            metrics=self.metrics,
+            timeout=config.idle_timeout,
+            request_timeout=config.request_timeout,
         )
-        endpoint = endpoints.serverFromString(reactor, endpoint_description(config))
-        self.port = yield endpoint.listen(self.site)
+        self.port = yield self._endpoint().listen(self.site)
         self.started_at = reactor.seconds()
         self.log.info("listening on {address}", address=_describe(self.port))
+        if is_worker():
+            self._supervisor_watch = watch_supervisor(reactor)
+        elif config.workers > 1:
+            self.workers = WorkerPool(reactor, config.workers - 1, self.port.fileno())
+            self.workers.startService()
         self.ready.callback(None)
+
+    def _endpoint(self) -> Any:
+        inherited = os.environ.get(LISTEN_FD_ENV)
+        if inherited is not None:  # a worker: accept on the supervisor's socket
+            fd = int(inherited)
+            family = socket.socket(fileno=os.dup(fd)).family
+            return endpoints.AdoptedStreamServerEndpoint(self.reactor, fd, family)
+        return endpoints.serverFromString(self.reactor, endpoint_description(self.config))
 
     def _apply_loaded(self, change: Change) -> None:
         if change.kind == SET:
@@ -135,6 +191,11 @@ class DacheService(service.Service):
         self.cache.expire(self.reactor.seconds())
 
     def _start_failed(self, failure: Failure) -> None:
+        if failure.check(CancelledError) and not self.running:
+            # Stopped while starting (e.g. SIGTERM while waiting for the engine).
+            self.log.info("start-up cancelled")
+            self.ready.errback(failure)
+            return
         reason = failure.value
         if not isinstance(reason, StartupError | ConfigError):
             self.log.failure("dache could not start", failure)
@@ -149,14 +210,21 @@ class DacheService(service.Service):
     @inlineCallbacks
     def stopService(self) -> Any:
         super().stopService()
+        if self.systemd is not None:
+            self.systemd.stopping()
         if self._starting is not None and not self._starting.called:
             self._starting.cancel()
+        stopping_workers = self.workers.stopService() if self.workers is not None else None
+        if self._supervisor_watch is not None and self._supervisor_watch.running:
+            self._supervisor_watch.stop()
         if self.port is not None:
             yield self.port.stopListening()
         if self._sweeper is not None and self._sweeper.running:
             self._sweeper.stop()
         if self.committer is not None:
             yield self.committer.drain()
+        if stopping_workers is not None:
+            yield stopping_workers
         if self.engine is not None:
             yield self.engine.close()
         self.log.info("dache stopped")

@@ -10,8 +10,9 @@ import os
 import sys
 from typing import Any
 
+from dache import auth, engines, logs, service
 from dache import config as _config
-from dache import service
+from dache.workers import is_worker
 
 Options = _config.Options
 
@@ -23,12 +24,19 @@ def makeService(options: Any) -> service.DacheService:
             from dache.engines.disk import repair_command
 
             raise SystemExit(repair_command(config))
-        service.validate_endpoint(config, _reactor())
+        config = auth.read_token_files(config)
+        if not is_worker():  # a worker adopts its supervisor's socket instead
+            service.validate_endpoint(config, _reactor())
+        engines.check_engine_config(config)
     except _config.ConfigError as e:
         sys.stderr.write(f"dache: configuration error: {e}\n")
         sys.stderr.flush()
         raise SystemExit(2)
-    return service.makeService(config)
+    node = service.makeService(config)
+    node.log_observer = logs.observer_for_twistd(
+        config.log_format, getattr(options, "parent", None)
+    )
+    return node
 
 
 def _reactor() -> Any:

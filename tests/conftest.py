@@ -2,6 +2,9 @@ import pytest
 
 from tests.process import DacheProcess
 
+# A real PostgreSQL: fixtures postgres, own_postgres, pg, own_pg.
+pytest_plugins = ["tests.postgres"]
+
 
 @pytest.fixture
 def dache_process(tmp_path):

@@ -2,7 +2,8 @@
 Run `twistd -n dache` as a subprocess and talk to it over a real socket.
 
 The node listens on an ephemeral port (`--listen tcp:0:interface=127.0.0.1`)
-and reports it on its "listening on" log line, so tests never race for ports.
+and reports it on its "listening on" log line (text, or the message of a
+LOG_FORMAT=json line), so tests never race for ports.
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ import http.client
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Mapping
@@ -24,6 +27,16 @@ TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 LISTENING = re.compile(r"listening on tcp:[^:]+:(\d+)")
 
 
+def _message(line: str) -> str:
+    """A log line's text: the "message" of a LOG_FORMAT=json line, else the line."""
+    if line.startswith("{"):
+        try:
+            return str(json.loads(line).get("message", ""))
+        except ValueError:
+            pass
+    return line
+
+
 class DacheProcess:
     def __init__(
         self,
@@ -32,6 +45,11 @@ class DacheProcess:
         ephemeral_port: bool = True,
     ):
         self.env = {**os.environ, **(env or {})}
+        self.own_disk_path: str | None = None
+        if "DISK_PATH" not in (env or {}):
+            # The disk engine is the default: never write the checkout's ./dache-data.
+            self.own_disk_path = tempfile.mkdtemp(prefix="dache-test-")
+            self.env["DISK_PATH"] = self.own_disk_path
         self.args = args
         self.ephemeral_port = ephemeral_port
         self.proc: subprocess.Popen[str] | None = None
@@ -62,7 +80,7 @@ class DacheProcess:
         assert self.proc is not None and self.proc.stdout is not None
         for line in self.proc.stdout:
             self.lines.append(line.rstrip("\n"))
-            match = LISTENING.search(line)
+            match = LISTENING.search(_message(line))
             if match and self.port is None:
                 self.port = int(match.group(1))
                 self._listening.set()
@@ -96,9 +114,15 @@ class DacheProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+        if self.own_disk_path is not None:
+            shutil.rmtree(self.own_disk_path, ignore_errors=True)
 
     def output(self) -> str:
         return "\n".join(self.lines)
+
+    def json_lines(self) -> list[dict[str, Any]]:
+        """The output under LOG_FORMAT=json: one object per line (ValueError if not)."""
+        return [json.loads(line) for line in list(self.lines)]
 
     # -- HTTP
 

@@ -204,9 +204,15 @@ def test_a_full_disk_answers_503_changes_nothing_and_later_writes_succeed(dache_
     assert node.set("new", "refused") == 503
     assert node.get("k")[1]["value"] == "before" and node.get("new")[0] == 404
     assert os.path.getsize(log) == size  # the part written was cut back off
+    health = json.loads(node.request("GET", "/health")[2])
+    assert health["status"] == "warn" and "File too large" in json.dumps(health)
 
     resource.prlimit(node.proc.pid, resource.RLIMIT_FSIZE, unlimited)
     assert node.set("k2", "after") == 204  # not wedged: the next write goes through
+    deadline = time.monotonic() + 10
+    while json.loads(node.request("GET", "/health")[2])["status"] != "pass":
+        assert time.monotonic() < deadline, "health did not recover"
+        time.sleep(0.1)
     node.kill()
 
     again = dache_process(env=env)

@@ -63,3 +63,41 @@ def test_a_body_within_the_limit_is_served_and_the_connection_kept():
     transport.clear()
     protocol.dataReceived(b"GET /dache/k HTTP/1.1\r\nHost: x\r\n\r\n")
     assert response_body(transport.value()) == {"key": "k", "value": "ok"}
+
+
+def logged_requests(node, redact):
+    from twisted.logger import Logger, formatEvent
+
+    events = []
+    site = DacheSite(node.api.resource(), access_log=True, redact_keys=redact)
+    site.access_log = Logger(namespace="dache.access", observer=events.append)
+    peer = IPv4Address("TCP", "127.0.0.1", 40000)
+    protocol = site.buildProtocol(peer)
+    transport = StringTransport(peerAddress=peer)
+    protocol.makeConnection(transport)
+    protocol.dataReceived(b"GET /dache/secret-key HTTP/1.1\r\nHost: x\r\n\r\n")
+    return [formatEvent(e) for e in events]
+
+
+def test_access_log_is_off_by_default():
+    assert DacheSite(MemoryNode().api.resource()).log_requests is False
+
+
+def test_access_log_lines_and_key_redaction():
+    node = MemoryNode()
+    [line] = logged_requests(node, redact=False)
+    assert '"GET /dache/secret-key" 404' in line and "127.0.0.1" in line
+    [line] = logged_requests(node, redact=True)
+    assert "secret-key" not in line
+    assert '"GET /dache/<redacted>" 404' in line
+
+
+def test_an_unexpected_error_is_a_json_500_without_a_traceback():
+    node = MemoryNode()
+    node.api.cache = None  # any bug in a handler
+    protocol, transport = connect(node)
+    protocol.dataReceived(b"GET /dache/k HTTP/1.1\r\nHost: x\r\n\r\n")
+    sent = transport.value()
+    assert sent.startswith(b"HTTP/1.1 500 ")
+    assert response_body(sent) == {"error": "internal error; see the server log"}
+    assert b"Traceback" not in sent and b"NoneType" not in sent

@@ -16,7 +16,11 @@ engine never holds its whole content twice. A failed write must leave the
 engine's content as it was before the batch (all or nothing), and errback
 with EngineUnavailable carrying a message fit for a client (no secrets).
 
-Optional: subscribe(callback) for engines that see other nodes' changes;
+Optional: subscribe(callback) for engines that learn of committed changes this
+node did not apply itself (other nodes' changes; the postgres engine's re-read of
+a write whose outcome was unknown): the service applies each callback(change) to
+memory. And a static check_config(config) that raises ConfigError, which
+`twistd dache` calls before start-up so a bad engine setting is one line.
 attach(cache), called after load, for engines that read the live entries
 (the disk engine's compaction); a `revision` attribute, the highest revision
 the engine holds after load (deletes included), which the committer goes on
@@ -39,10 +43,33 @@ SET = "set"
 DELETE = "delete"
 
 
-class Change:
-    """One set or delete, as the committer hands it to an engine."""
+ANY = "*"  # a precondition on any current revision (HTTP's `If-Match: *`)
 
-    __slots__ = ("kind", "key", "value_json", "expiry", "revision")
+
+class Change:
+    """
+    One set or delete, as the committer hands it to an engine.
+
+    Preconditions (from HTTP If-Match / If-None-Match): `if_match` is ANY or a
+    tuple of revisions the key's live entry must have; `if_none_match` is ANY
+    (the key must be absent) or a tuple of revisions it must not have. An
+    engine that decides preconditions itself (`decides_preconditions = True`,
+    e.g. inside a PostgreSQL transaction shared by several nodes) sets
+    `rejected = True` on a change whose precondition failed, and `revision` to
+    the key's current revision (0 when absent); otherwise the committer decides
+    them against memory, in commit order.
+    """
+
+    __slots__ = (
+        "kind",
+        "key",
+        "value_json",
+        "expiry",
+        "revision",
+        "if_match",
+        "if_none_match",
+        "rejected",
+    )
 
     def __init__(
         self,
@@ -51,12 +78,33 @@ class Change:
         value_json: bytes | None = None,
         expiry: float | None = None,
         revision: int = 0,
+        if_match: str | tuple[int, ...] | None = None,
+        if_none_match: str | tuple[int, ...] | None = None,
     ):
         self.kind = kind
         self.key = key
         self.value_json = value_json
         self.expiry = expiry
         self.revision = revision
+        self.if_match = if_match
+        self.if_none_match = if_none_match
+        self.rejected = False
+
+    @property
+    def conditional(self) -> bool:
+        return self.if_match is not None or self.if_none_match is not None
+
+    def precondition_holds(self, current_revision: int | None) -> bool:
+        """Whether the precondition holds when the key's live revision is this (None: absent)."""
+        if self.if_match is not None:
+            if current_revision is None:
+                return False
+            if self.if_match != ANY and current_revision not in self.if_match:
+                return False
+        if self.if_none_match is not None and current_revision is not None:
+            if self.if_none_match == ANY or current_revision in self.if_none_match:
+                return False
+        return True
 
     @classmethod
     def set(cls, key: str, value_json: bytes, expiry: float | None = None) -> Change:
@@ -82,6 +130,14 @@ class EngineUnavailable(Exception):
     """The engine could not make a batch durable; str() is safe to show a client."""
 
 
+class PreconditionFailed(Exception):
+    """A conditional change whose precondition did not hold; nothing was written."""
+
+    def __init__(self, current_revision: int | None):
+        super().__init__(current_revision)
+        self.current_revision = current_revision  # None: the key is absent
+
+
 @dataclass
 class EngineHealth:
     ok: bool
@@ -104,12 +160,22 @@ class Engine(Protocol):
 # name -> "module:Class"; each class has from_config(config, reactor).
 REGISTRY = {
     "memory": "dache.engines.memory:MemoryEngine",
+    "postgres": "dache.engines.postgres:PostgresEngine",
     "disk": "dache.engines.disk:DiskEngine",
 }
 
 
-def create_engine(config: Config, reactor: Any) -> Engine:
-    name = config.durability_engine
+def engine_class(name: str) -> Any:
     module_name, _, class_name = REGISTRY[name].partition(":")
-    engine_class = getattr(importlib.import_module(module_name), class_name)
-    return engine_class.from_config(config, reactor)
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def create_engine(config: Config, reactor: Any) -> Engine:
+    return engine_class(config.durability_engine).from_config(config, reactor)
+
+
+def check_engine_config(config: Config) -> None:
+    """Before start-up: the chosen engine's own settings, or ConfigError (one line)."""
+    check = getattr(engine_class(config.durability_engine), "check_config", None)
+    if check is not None:
+        check(config)
