@@ -180,7 +180,11 @@ class DiskEngine:
 
     def _open(self, apply: Callable[[Change], None]) -> None:
         try:
-            os.makedirs(self.directory, exist_ok=True)
+            if not os.path.isdir(self.directory):
+                os.makedirs(self.directory)
+                # A new directory's own entry must be durable too, or a power
+                # loss could take it, and every write acknowledged in it, away.
+                sync_directory(os.path.dirname(self.directory))
         except OSError as e:
             raise StartupError(
                 f"DISK_PATH {self.directory} cannot be created: {e.strerror}"
