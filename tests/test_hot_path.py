@@ -155,7 +155,8 @@ def test_a_later_request_gets_its_full_deadline_from_its_own_first_byte():
 
 @pytest_twisted.inlineCallbacks
 def test_the_collector_is_on_after_start_up():
-    service = DacheService(default_config(listen="tcp:0:interface=127.0.0.1"), reactor)
+    config = default_config(durability_engine="memory", listen="tcp:0:interface=127.0.0.1")
+    service = DacheService(config, reactor)
     service.startService()
     yield service.ready
     try:
