@@ -6,11 +6,15 @@ and optional access logging with key redaction.
 from __future__ import annotations
 
 from io import BytesIO
-from time import perf_counter
+from time import perf_counter, time
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote_to_bytes
 
 from twisted.logger import Logger
-from twisted.web.server import Request, Site
+from twisted.python.failure import Failure
+from twisted.web.http import datetimeToString
+from twisted.web.resource import _IEncodingResource
+from twisted.web.server import Request, Site, version
 
 from dache.api import KEY_PREFIX, error_body
 from dache.channel import DacheChannel
@@ -43,6 +47,21 @@ class _Discard:
 
     def close(self) -> None:
         pass
+
+
+class _HTTPDate:
+    """The Date header's value, formatted once a second rather than per request."""
+
+    second = -1
+    value = b""
+
+    @classmethod
+    def now(cls) -> bytes:
+        second = int(time())
+        if second != cls.second:
+            cls.value = datetimeToString(second)
+            cls.second = second
+        return cls.value
 
 
 class DacheRequest(Request):
@@ -87,6 +106,27 @@ class DacheRequest(Request):
             return  # already answered 413; the connection is closing
         self.received_at = perf_counter()
         super().requestReceived(command, path, version)
+
+    def process(self) -> None:
+        # twisted.web.server.Request.process, with the Date header formatted
+        # once a second (formatting it costs ~3% of a GET).
+        self.site = self.channel.site
+        self.setHeader(b"Server", version)
+        self.setHeader(b"Date", _HTTPDate.now())
+        self.prepath = []
+        self.postpath = [unquote_to_bytes(p) for p in self.path[1:].split(b"/")]
+        if self.path == b"*":
+            self._handleStar()
+            return
+        try:
+            resource = self.site.getResourceFor(self)
+            if _IEncodingResource.providedBy(resource):
+                encoder = resource.getEncoder(self)
+                if encoder is not None:
+                    self._encoder = encoder
+            self.render(resource)
+        except BaseException:
+            self.processingFailed(Failure())
 
     def write(self, data: bytes) -> None:
         super().write(data)

@@ -9,6 +9,7 @@ the ceiling's answers, the replayed request files and the target arithmetic.
 
 from __future__ import annotations
 
+import email.utils
 import gc
 import json
 import socket
@@ -319,3 +320,14 @@ def test_what_the_socket_does_not_take_follows_in_order_through_the_transport():
         assert second.endswith(b'{"key":"small","value":"s"}')
     finally:
         pair.close()
+
+
+def test_answers_carry_the_current_date_and_the_server():
+    node = MemoryNode()
+    transport = connect(DacheSite(node.api.resource(), reactor=node.clock))
+    transport.protocol.dataReceived(b"GET /health/live HTTP/1.1\r\nHost: d\r\n\r\n")
+    head = transport.value().partition(b"\r\n\r\n")[0].decode()
+    headers = dict(line.split(": ", 1) for line in head.split("\r\n")[1:])
+    assert headers["Server"].startswith("TwistedWeb/")
+    sent = email.utils.parsedate_to_datetime(headers["Date"]).timestamp()
+    assert abs(sent - time.time()) < 5
