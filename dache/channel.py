@@ -55,6 +55,8 @@ class DacheChannel(HTTPChannel):
     _request_began: float | None = None  # first byte of the request being received
     _timed_out = False
     _host: Any = None
+    _peer: Any = None
+    _idle: Any = None  # IDelayedCall of the idle timeout, or None
     _head: list[bytes] | None = None  # status line and headers not sent yet
 
     # -- answers sent at once
@@ -118,14 +120,47 @@ class DacheChannel(HTTPChannel):
 
     def getHost(self) -> Any:
         # twisted.web asks on every request (a getsockname() system call);
-        # a connection's local address never changes.
+        # a connection's addresses never change.
         if self._host is None:
             self._host = super().getHost()
         return self._host
 
+    def getPeer(self) -> Any:
+        if self._peer is None:
+            self._peer = super().getPeer()
+        return self._peer
+
+    # -- the idle timeout, one timer per connection
+
+    def setTimeout(self, period: float | None) -> float | None:
+        # Twisted's TimeoutMixin cancels the idle timer when a request comes in
+        # and makes a new one when it is answered: two timer operations per
+        # request. Here the timer stays; a period of None (a request is being
+        # handled) only makes it lapse if it fires, and a new period moves it.
+        previous, self.timeOut = self.timeOut, period
+        if period is not None:
+            if self._idle is None:
+                self._idle = self.callLater(period, self._idle_expired)
+            else:
+                self._idle.reset(period)
+        return previous
+
+    def resetTimeout(self) -> None:
+        if self._idle is not None and self.timeOut is not None:
+            self._idle.reset(self.timeOut)
+
+    def _idle_expired(self) -> None:
+        self._idle = None
+        if self.timeOut is not None:  # None: a request is being handled
+            self.timeoutConnection()
+
     def connectionLost(self, reason: Any) -> None:
         self._cancel_deadline()
         super().connectionLost(reason)
+        if self._idle is not None:
+            if self._idle.active():
+                self._idle.cancel()
+            self._idle = None
 
     def _cancel_deadline(self) -> None:
         if self._deadline is not None:

@@ -331,3 +331,40 @@ def test_answers_carry_the_current_date_and_the_server():
     assert headers["Server"].startswith("TwistedWeb/")
     sent = email.utils.parsedate_to_datetime(headers["Date"]).timestamp()
     assert abs(sent - time.time()) < 5
+
+
+# -- the idle timeout, one timer per connection
+
+
+def test_idle_timeout_counts_from_the_last_answer_and_never_cuts_a_request_short():
+    clock = Clock()
+    engine = HeldEngine()
+    node = MemoryNode(engine=engine, clock=clock, write_timeout=100)
+    site = DacheSite(node.api.resource(), timeout=10, request_timeout=None, reactor=clock)
+    transport = connect(site)
+    send = transport.protocol.dataReceived
+    send(b"GET /dache/a HTTP/1.1\r\nHost: d\r\n\r\n")
+    clock.advance(8)
+    send(b"GET /dache/a HTTP/1.1\r\nHost: d\r\n\r\n")  # at t=8: idle until t=18
+    clock.advance(9.9)
+    assert not transport.disconnecting
+    send(post(b"/dache/k", b'{"value": 1}'))  # at t=17.9; the engine holds it for 15 s
+    clock.advance(15)
+    assert not transport.disconnecting  # handling a request is not being idle
+    engine.release()
+    assert transport.value().count(b"HTTP/1.1 ") == 3
+    clock.advance(9.9)
+    assert not transport.disconnecting
+    clock.advance(0.2)  # 10 s after the last answer
+    assert transport.disconnecting
+
+
+def test_a_closed_connection_leaves_no_timer_behind():
+    clock = Clock()
+    node = MemoryNode(clock=clock)
+    site = DacheSite(node.api.resource(), timeout=10, request_timeout=3, reactor=clock)
+    transport = connect(site)
+    transport.protocol.dataReceived(b"GET /dache/a HTTP/1.1\r\nHost: d\r\n\r\n")
+    transport.protocol.dataReceived(b"GET /dache/a HTTP/1.1\r\n")  # a request half sent
+    transport.protocol.connectionLost(Failure(ConnectionDone()))
+    assert clock.getDelayedCalls() == []
