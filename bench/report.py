@@ -323,7 +323,7 @@ def chart(scenarios: list[Scenario], medians: Mapping[Key, Sample], path: str) -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    kinds = list(dict.fromkeys(s.kind for s in scenarios if s.key in medians))
+    order = [s.kind for s in sorted(scenarios, key=lambda s: s.kind.startswith("etcd"))]
     sizes = sorted({s.value_bytes for s in scenarios})
     connections = sorted({s.connections for s in scenarios})
     fig, axes = plt.subplots(
@@ -331,6 +331,11 @@ def chart(scenarios: list[Scenario], medians: Mapping[Key, Sample], path: str) -
     )
     width = 0.8 / len(connections)
     for column, size in enumerate(sizes):
+        kinds = list(
+            dict.fromkeys(
+                k for k in order if any(key[0] == k and key[2] == size for key in medians)
+            )
+        )
         for row, (field, label) in enumerate(
             (("rps", "requests/s"), ("p99_ms", "p99 latency, ms"))
         ):
