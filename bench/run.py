@@ -30,6 +30,7 @@ from dache.config import SETTINGS
 from dache.engines import REGISTRY
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+SETTLE_SECONDS = 3
 
 
 @dataclass
@@ -144,6 +145,7 @@ class Bench:
                 preload_dache(server, self.mode.value_sizes)
             elif name == "etcd":
                 preload_etcd(server, self.mode.value_sizes)
+        time.sleep(SETTLE_SECONDS)  # let start-up and preload work (etcd's fsyncs) finish
 
     def stop(self) -> None:
         for server in self.servers.values():
