@@ -15,6 +15,7 @@ setup(
         "txpostgres>=1.7",
         "psycopg2-binary>=2.9",
         "prometheus_client>=0.20",
+        "google-crc32c>=1.5",
     ],
     extras_require={
         "test": [

@@ -80,6 +80,16 @@ def positive_seconds(text: str) -> float:
     return value
 
 
+def ratio_over_one(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (value > 1 and math.isfinite(value)):
+        raise ValueError("must be a number greater than 1")
+    return value
+
+
 def one_of(*choices: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
         value = text.strip().lower()
@@ -127,7 +137,7 @@ SETTINGS: list[Setting] = [
     Setting(
         "DURABILITY_ENGINE",
         "durability-engine",
-        "memory",
+        "disk",
         one_of(*ENGINE_NAMES),
         "Where acknowledged writes are made durable: " + ", ".join(ENGINE_NAMES) + ".",
     ),
@@ -202,6 +212,34 @@ SETTINGS: list[Setting] = [
         "30",
         positive_seconds,
         "Seconds between purges of expired rows and old tombstones (one node purges).",
+    ),
+    Setting(
+        "DISK_PATH",
+        "disk-path",
+        "./dache-data",
+        non_empty,
+        "Directory of the disk engine's log (created if missing; one dache per directory).",
+    ),
+    Setting(
+        "DISK_FSYNC",
+        "disk-fsync",
+        "always",
+        one_of("always", "everysec", "no"),
+        "When the disk engine fsyncs: always (before each 204), everysec, or no.",
+    ),
+    Setting(
+        "DISK_COMPACT_RATIO",
+        "disk-compact-ratio",
+        "2",
+        ratio_over_one,
+        "Compact the disk log when it is this many times the size of the live data.",
+    ),
+    Setting(
+        "DISK_COMPACT_MIN_BYTES",
+        "disk-compact-min-bytes",
+        "67108864",
+        positive_int,
+        "Never compact a disk log smaller than this many bytes.",
     ),
     Setting(
         "MAX_KEY_BYTES",
@@ -384,6 +422,14 @@ class Options(usage.Options):
         "Serve dache, a durable cache over HTTP/JSON. Every option has an environment "
         "variable twin (shown in brackets); the option wins when both are set."
     )
+    optFlags = [
+        [
+            "repair",
+            None,
+            "Repair the disk engine's log in DISK_PATH and exit: cut a torn tail, or keep "
+            "a backup and truncate at the last good record.",
+        ]
+    ]
     optParameters = [
         [
             s.option,

@@ -120,12 +120,16 @@ class DacheService(service.Service):
             load_seconds=load_seconds,
         )
 
+        attach = getattr(self.engine, "attach", None)
+        if attach is not None:
+            attach(self.cache)  # an engine that compacts reads the live entries here
         self.committer = Committer(
             self.engine,
             self.cache,
             reactor,
             write_timeout=config.write_timeout,
-            revision=self.cache.max_revision(),
+            # A deleted key's revision is gone from the cache but not from the engine.
+            revision=max(self.cache.max_revision(), getattr(self.engine, "revision", 0)),
         )
         self._sweeper = LoopingCall(self._sweep)
         self._sweeper.clock = reactor
@@ -201,6 +205,8 @@ class DacheService(service.Service):
         exit_after_shutdown(1)
         if self.reactor.running:
             self.reactor.stop()
+        else:  # an engine that failed before twistd started the reactor
+            self.reactor.callWhenRunning(self.reactor.stop)
 
     @inlineCallbacks
     def stopService(self) -> Any:

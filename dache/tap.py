@@ -20,6 +20,10 @@ Options = _config.Options
 def makeService(options: Any) -> service.DacheService:
     try:
         config = _config.resolve(options, os.environ)
+        if options.get("repair"):
+            from dache.engines.disk import repair_command
+
+            raise SystemExit(repair_command(config))
         config = auth.read_token_files(config)
         if not is_worker():  # a worker adopts its supervisor's socket instead
             service.validate_endpoint(config, _reactor())

@@ -7,11 +7,17 @@ pytest_plugins = ["tests.postgres"]
 
 
 @pytest.fixture
-def dache_process():
-    """A factory for `twistd -n dache` subprocesses, all killed at teardown."""
+def dache_process(tmp_path):
+    """
+    A factory for `twistd -n dache` subprocesses, all killed at teardown. Each
+    gets its own DISK_PATH under tmp_path unless the test gives one, so no
+    test writes into the checkout.
+    """
     started: list[DacheProcess] = []
 
     def start(env=None, args=(), wait=True, timeout=30.0, ephemeral_port=True):
+        env = dict(env or {})
+        env.setdefault("DISK_PATH", str(tmp_path / f"dache-data-{len(started)}"))
         process = DacheProcess(env, tuple(args), ephemeral_port=ephemeral_port)
         started.append(process)
         return process.start(timeout=timeout, wait=wait)

@@ -12,9 +12,11 @@ import http.client
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Mapping
@@ -43,6 +45,11 @@ class DacheProcess:
         ephemeral_port: bool = True,
     ):
         self.env = {**os.environ, **(env or {})}
+        self.own_disk_path: str | None = None
+        if "DISK_PATH" not in (env or {}):
+            # The disk engine is the default: never write the checkout's ./dache-data.
+            self.own_disk_path = tempfile.mkdtemp(prefix="dache-test-")
+            self.env["DISK_PATH"] = self.own_disk_path
         self.args = args
         self.ephemeral_port = ephemeral_port
         self.proc: subprocess.Popen[str] | None = None
@@ -107,6 +114,8 @@ class DacheProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+        if self.own_disk_path is not None:
+            shutil.rmtree(self.own_disk_path, ignore_errors=True)
 
     def output(self) -> str:
         return "\n".join(self.lines)

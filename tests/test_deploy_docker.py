@@ -119,8 +119,7 @@ def test_the_command_is_twistd_in_the_foreground_in_exec_form():
 def test_configuration_is_the_environment_with_the_codes_defaults():
     env = env_of(FINAL)
     settings = {s.env for s in SETTINGS}
-    # TODO(disk): DISK_PATH is the disk engine's setting; drop it here once it is in SETTINGS.
-    runtime = {"PATH", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE", "DISK_PATH"}
+    runtime = {"PATH", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE"}
     assert set(env) <= settings | runtime
     # PORT, DURABILITY_ENGINE, ... are left to the code, so `ENV PORT=...` in a
     # derived image (or -e) is the only thing that changes them.

@@ -352,8 +352,7 @@ def test_the_service_unit_runs_twistd_as_a_hardened_notify_service():
     assert environment["DISK_PATH"] == "/var/lib/" + values(service, "StateDirectory")[0]
     assert environment["LISTEN"] == "systemd:domain=INET:index=0"
     # Every variable it sets is one of dache's settings (or Python's own).
-    # TODO(disk): drop "DISK_PATH" here once the disk engine's setting is in SETTINGS.
-    known = {s.env for s in SETTINGS} | {"PYTHONUNBUFFERED", "DISK_PATH"}
+    known = {s.env for s in SETTINGS} | {"PYTHONUNBUFFERED"}
     assert set(environment) <= known
     (watchdog,) = values(service, "WatchdogSec")
     assert watchdog.endswith("s") and float(watchdog[:-1]) > 0

@@ -107,7 +107,7 @@ def test_twistd_logs_json_lines_under_log_format_json(dache_process: Any) -> Non
         (record,) = [r for r in records if field in r]
         return record
 
-    assert one("engine")["engine"] == "memory"
+    assert one("engine")["engine"] == "disk"  # the default
     assert one("address")["address"] == f"tcp:127.0.0.1:{process.port}"
     loaded = one("entries")
     assert loaded["entries"] == 0 and loaded["load_seconds"] >= 0

@@ -87,7 +87,7 @@ def test_request_counters_move_by_exactly_the_requests_made(dache_process: Any) 
     assert value(after, "dache_entries") == 1
     assert moved("dache_commit_batch_size_count") == 3  # two sets and a delete
     assert moved("dache_engine_write_duration_seconds_count") == 3
-    assert value(after, "dache_engine_up", engine="memory") == 1
+    assert value(after, "dache_engine_up", engine="disk") == 1  # the default engine
     assert value(after, "dache_build_info", version=dache.__version__) == 1
     assert ("dache_startup_load_seconds", frozenset()) in after
     assert value(after, "process_resident_memory_bytes") > 0

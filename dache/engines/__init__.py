@@ -22,6 +22,10 @@ that this node did not apply itself (other nodes' changes, whatever a write of
 unknown outcome did), and target applies it by revision, never going back.
 And a static check_config(config) that raises ConfigError, which
 `twistd dache` calls before start-up so a bad engine setting is one line.
+attach(cache), called after load, for engines that read the live entries
+(the disk engine's compaction); a `revision` attribute, the highest revision
+the engine holds after load (deletes included), which the committer goes on
+from.
 """
 
 from __future__ import annotations
@@ -158,6 +162,7 @@ class Engine(Protocol):
 REGISTRY = {
     "memory": "dache.engines.memory:MemoryEngine",
     "postgres": "dache.engines.postgres:PostgresEngine",
+    "disk": "dache.engines.disk:DiskEngine",
 }
 
 
