@@ -14,8 +14,6 @@ from urllib.parse import quote
 
 import psycopg2
 
-from tests.process import DacheProcess
-
 KEYS = [f"k{i}" for i in range(12)]
 
 
@@ -328,9 +326,8 @@ def test_a_node_away_longer_than_the_tombstone_retention_reloads(dache_process, 
     clean(active, frozen)
 
 
-def test_two_workers_share_one_port_as_two_coherent_nodes(pg, tmp_path):
-    supervisor = DacheProcess({**pg.env, "WORKERS": "2"})
-    supervisor.start()
+def test_two_workers_share_one_port_as_two_coherent_nodes(dache_process, pg):
+    supervisor = start(dache_process, pg, WORKERS=2)
     try:
         wait_until(lambda: "started worker 1 (pid" in supervisor.output())
         worker_pid = int(supervisor.output().split("started worker 1 (pid ")[1].split(")")[0])
