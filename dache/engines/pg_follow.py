@@ -21,8 +21,8 @@ node whose watermark is below it may have missed a delete, so it reloads the
 table in one snapshot and carries on from there.
 
 The node's own writes move the watermark too, without a read, when they follow
-it directly (their first revision is watermark + 1); their notifications (from
-the node's own backends) wake nobody.
+it directly (their first revision is watermark + 1; otherwise they wake a
+catch-up); their notifications (from the node's own backends) wake nobody.
 """
 
 from __future__ import annotations
@@ -191,6 +191,8 @@ class TableFollower:
         """This node committed revisions first..last and applies them itself."""
         if first == self.watermark + 1:
             self.watermark = last
+        else:  # others' changes (or a gap) in between: read up to here
+            self.wake()
 
     def caught_up(self) -> Deferred[None]:
         """Fires once a catch-up that starts after this call has finished."""
