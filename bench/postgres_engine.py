@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 
+from dache.engines.pg_schema import TableSQL
 from tests.postgres import PostgresServer
 from tests.process import DacheProcess
 
@@ -62,13 +63,8 @@ def start_node(env: dict[str, str]) -> DacheProcess:
 
 
 def fill(database, rows: int) -> None:
-    database.sql(
-        "CREATE SEQUENCE dache_revision;"
-        "CREATE TABLE dache (key text PRIMARY KEY, value text NOT NULL, expiry timestamptz,"
-        " revision bigint NOT NULL DEFAULT nextval('dache_revision'));"
-        "CREATE INDEX dache_expiry ON dache (expiry) WHERE expiry IS NOT NULL;"
-        "ALTER SEQUENCE dache_revision OWNED BY dache.revision"
-    )
+    sql = TableSQL("dache")  # the table as dache creates it
+    database.sql(";".join(sql.create + sql.create_followed))
     database.sql(
         "INSERT INTO dache (key, value, expiry)"
         " SELECT 'key:' || i,"

@@ -106,6 +106,10 @@ class Cache:
         self._expiries: list[tuple[float, str]] = []
         self.bytes = 0  # approximate: keys + bodies
         self.expired_total = 0  # entries removed because they expired
+        # key -> revision of its latest delete, kept only while changes can
+        # still arrive out of order (see remember_deletes); None: not kept.
+        self._deleted: dict[str, int] | None = None
+        self._deleted_heap: list[tuple[int, str]] = []
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -160,6 +164,62 @@ class Cache:
             return False
         self.bytes -= len(old.body) + len(key)
         return True
+
+    # -- changes that may arrive out of revision order (several nodes)
+
+    def apply_set(
+        self, key: str, value_json: bytes, expiry: float | None, revision: int
+    ) -> Entry | None:
+        """
+        Set, unless memory already holds a later state of the key: an entry of
+        a higher revision, or a remembered delete of a higher revision. Answers
+        the new entry, or None when the change was older and left out.
+        """
+        old = self._entries.get(key)
+        if old is not None and old.revision > revision:
+            return None
+        if self._deleted is not None:
+            deleted_at = self._deleted.get(key)
+            if deleted_at is not None:
+                if deleted_at > revision:
+                    return None
+                del self._deleted[key]
+        return self.set(key, value_json, expiry, revision)
+
+    def apply_delete(self, key: str, revision: int) -> bool:
+        """Delete, unless the entry held is of a higher revision; False when left out."""
+        old = self._entries.get(key)
+        if old is not None and old.revision > revision:
+            return False
+        if self._deleted is not None and revision > self._deleted.get(key, 0):
+            self._deleted[key] = revision
+            heapq.heappush(self._deleted_heap, (revision, key))
+        if old is not None:
+            self.delete(key)
+        return True
+
+    def remember_deletes(self) -> None:
+        """
+        Keep the revision of every applied delete until forget_deletes() passes
+        it, so an older set of the key arriving late (another node's change read
+        before the delete committed) cannot bring the key back.
+        """
+        if self._deleted is None:
+            self._deleted = {}
+
+    def forget_deletes(self, through: int) -> None:
+        """Forget deletes of revision <= through: no older change can arrive any more."""
+        deleted, heap = self._deleted, self._deleted_heap
+        if deleted is None:
+            return
+        while heap and heap[0][0] <= through:
+            revision, key = heapq.heappop(heap)
+            if deleted.get(key) == revision:
+                del deleted[key]
+
+    @property
+    def remembered_deletes(self) -> int:
+        return 0 if self._deleted is None else len(self._deleted)
 
     def expire(self, now: float, limit: int = 10_000) -> int:
         """Drop up to `limit` entries whose expiry is at or before `now`."""

@@ -179,10 +179,12 @@ class Committer:
         for change in batch.changes:
             if change.rejected:
                 continue
+            # apply_*: memory may already hold a later revision of the key,
+            # applied from another node's change (see dache.follow).
             if change.kind == SET:
-                cache.set(change.key, change.value_json, change.expiry, change.revision)
+                cache.apply_set(change.key, change.value_json, change.expiry, change.revision)
             else:
-                cache.delete(change.key)
+                cache.apply_delete(change.key, change.revision)
         applied = [c.revision for c in batch.changes if not c.rejected]
         if applied:
             self.revision = max(self.revision, *applied)

@@ -199,6 +199,21 @@ SETTINGS: list[Setting] = [
         "Seconds to keep retrying PostgreSQL at start-up before exiting with an error.",
     ),
     Setting(
+        "POSTGRES_TOMBSTONE_RETENTION",
+        "postgres-tombstone-retention",
+        "3600",
+        positive_seconds,
+        "Seconds deletes stay readable by other nodes following the table; a node "
+        "away for longer reloads the table when it is back.",
+    ),
+    Setting(
+        "POSTGRES_PURGE_INTERVAL",
+        "postgres-purge-interval",
+        "30",
+        positive_seconds,
+        "Seconds between purges of expired rows and old tombstones (one node purges).",
+    ),
+    Setting(
         "DISK_PATH",
         "disk-path",
         "./dache-data",

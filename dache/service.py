@@ -31,6 +31,7 @@ from dache.cache import Cache
 from dache.committer import Committer
 from dache.config import Config, ConfigError
 from dache.engines import SET, Change, create_engine
+from dache.follow import FollowedCache
 from dache.health import HealthMonitor
 from dache.http import DacheSite
 from dache.logs import offer_observer
@@ -103,6 +104,11 @@ class DacheService(service.Service):
         starting_at = reactor.seconds()  # uptime counts from here
         self.engine = create_engine(config, reactor)
         self.log.info("engine: {engine}", engine=self.engine.name)
+        # An engine shared with other nodes hands their changes (and whatever a
+        # write of unknown outcome did) to memory, by revision (dache.follow).
+        follow = getattr(self.engine, "follow", None)
+        if follow is not None:
+            follow(FollowedCache(self.cache, reactor))
 
         began = time.monotonic()
         gcpolicy.pause()  # see dache.gcpolicy: the load makes no cycles
@@ -129,11 +135,6 @@ class DacheService(service.Service):
             # A deleted key's revision is gone from the cache but not from the engine.
             revision=max(self.cache.max_revision(), getattr(self.engine, "revision", 0)),
         )
-        # Changes the engine learns of outside this node's writes (e.g. the
-        # re-read of a write whose outcome was unknown) go straight to memory.
-        subscribe = getattr(self.engine, "subscribe", None)
-        if subscribe is not None:
-            subscribe(self._apply_loaded)
         self._sweeper = LoopingCall(self._sweep)
         self._sweeper.clock = reactor
         self._sweeper.start(SWEEP_INTERVAL, now=False)

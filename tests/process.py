@@ -59,17 +59,20 @@ class DacheProcess:
 
     # -- lifecycle
 
-    def start(self, timeout: float = 30.0, wait: bool = True) -> DacheProcess:
+    def command(self) -> list[str]:
         command = [TWISTD, "-n", "--pidfile=", "dache"]
         if self.ephemeral_port and not any(a.startswith("--listen") for a in self.args):
             command.append("--listen=tcp:0:interface=127.0.0.1")
-        command += list(self.args)
+        return command + list(self.args)
+
+    def start(self, timeout: float = 30.0, wait: bool = True, **popen: Any) -> DacheProcess:
         self.proc = subprocess.Popen(
-            command,
+            self.command(),
             env=self.env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            **popen,
         )
         threading.Thread(target=self._read_output, daemon=True).start()
         if wait:

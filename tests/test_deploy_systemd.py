@@ -20,7 +20,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import uuid
 from pathlib import Path
 from types import SimpleNamespace
@@ -249,21 +248,12 @@ class ActivatedProcess(DacheProcess):
         super().__init__(env, ("--listen=systemd:domain=INET:index=0",))
         self.listening = listening
 
+    def command(self) -> list[str]:
+        fd = str(self.listening.fileno())
+        return [sys.executable, "-c", ACTIVATE, fd, TWISTD, "-n", "--pidfile=", "dache", *self.args]
+
     def start(self, timeout: float = 30.0, wait: bool = True) -> ActivatedProcess:
-        fd = self.listening.fileno()
-        command = [sys.executable, "-c", ACTIVATE, str(fd), TWISTD, "-n", "--pidfile=", "dache"]
-        self.proc = subprocess.Popen(
-            command + list(self.args),
-            env=self.env,
-            pass_fds=(fd,),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        threading.Thread(target=self._read_output, daemon=True).start()
-        if wait:
-            self.wait_listening(timeout)
-        return self
+        return super().start(timeout, wait, pass_fds=(self.listening.fileno(),))
 
 
 @pytest.fixture

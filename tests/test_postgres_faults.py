@@ -16,6 +16,7 @@ from twisted.logger import LogLevel, globalLogPublisher
 from dache.cache import Cache
 from dache.committer import Committer
 from dache.engines import Change, EngineUnavailable
+from dache.follow import FollowedCache
 from dache.service import StartupError
 from tests.postgres import free_port
 
@@ -122,17 +123,20 @@ def test_a_write_interrupted_mid_statement_is_retried(pg, pg_engine, interruptio
 
 
 @pytest_twisted.inlineCallbacks
-def test_a_write_of_unknown_outcome_is_resolved_from_the_table_before_the_next(pg, pg_engine):
+def test_a_write_of_unknown_outcome_is_resolved_from_the_table(pg, pg_engine):
     engine = pg_engine(pg, postgres_pool_size=1)
     cache = Cache()
-    engine.subscribe(lambda c: cache.set(c.key, c.value_json) if c.kind == "set" else None)
+    engine.follow(FollowedCache(cache, reactor))
     yield engine.load(lambda change: None)
     committer = Committer(engine, cache, reactor, write_timeout=30)
     yield committer.submit(Change.set("k", b"1"))
 
     locker = pg.connect()
     locker.autocommit = False
-    locker.cursor().execute("UPDATE dache SET value = '\"elsewhere\"' WHERE key = 'k'")
+    locker.cursor().execute(  # another writer, with a revision of its own
+        "UPDATE dache SET value = '\"elsewhere\"', revision = nextval('dache_revision')"
+        " WHERE key = 'k'"
+    )
     written = committer.submit(Change.set("k", b"2"))  # waits for the row lock
     yield eventually(lambda: len(backends(pg, "active")) == 1)
     pg.sql("SELECT pg_terminate_backend(%s)", (backends(pg, "active")[0],))

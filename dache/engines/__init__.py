@@ -16,10 +16,11 @@ engine never holds its whole content twice. A failed write must leave the
 engine's content as it was before the batch (all or nothing), and errback
 with EngineUnavailable carrying a message fit for a client (no secrets).
 
-Optional: subscribe(callback) for engines that learn of committed changes this
-node did not apply itself (other nodes' changes; the postgres engine's re-read of
-a write whose outcome was unknown): the service applies each callback(change) to
-memory. And a static check_config(config) that raises ConfigError, which
+Optional: follow(target), called before load(), for engines shared by several
+nodes: they hand target (a dache.follow.FollowedCache) every change committed
+that this node did not apply itself (other nodes' changes, whatever a write of
+unknown outcome did), and target applies it by revision, never going back.
+And a static check_config(config) that raises ConfigError, which
 `twistd dache` calls before start-up so a bad engine setting is one line.
 attach(cache), called after load, for engines that read the live entries
 (the disk engine's compaction); a `revision` attribute, the highest revision

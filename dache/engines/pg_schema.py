@@ -23,10 +23,32 @@ changes) can order changes by it.
 The 0.3.0 table was `dache(key text primary key, value text, expiry
 timestamp)` holding plain strings: a value "hi" becomes the JSON text "\\"hi\\""
 and a naive expiry is read as UTC, in one transaction.
+
+Several nodes on one table follow each other's changes (pg_follow), which needs:
+
+    CREATE INDEX dache_by_revision ON dache (revision);
+    CREATE TABLE dache_deleted (            -- tombstones: deletes, for followers
+        key        text PRIMARY KEY,
+        revision   bigint NOT NULL,         -- the delete's revision
+        deleted_at timestamptz NOT NULL DEFAULT now());
+    CREATE INDEX dache_deleted_by_rev ON dache_deleted (revision);
+    CREATE TABLE dache_meta (               -- one row
+        one            boolean PRIMARY KEY DEFAULT true CHECK (one),
+        pruned_through bigint NOT NULL DEFAULT 0,  -- highest tombstone revision pruned
+        purged_at      timestamptz);        -- when a node last purged (one purge per interval)
+
+Every write transaction takes the table's advisory lock before it takes
+revisions (so revisions commit in order, and a follower reading "revision >
+N" never skips one that commits late) and notifies the table's channel with
+its highest revision. The sequence must keep CACHE 1 (the default): cached
+values would hand revisions out of commit order. The auxiliary objects are
+created on start when missing, so a table of the previous version upgrades
+in place.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 # A table name, optionally schema-qualified; plain identifiers only, so every
@@ -73,13 +95,21 @@ class TableSQL:
         prefix = quote_ident(schema) + "." if schema else ""
         self.name = name
         self.table = prefix + quote_ident(table)
+        self.tombstones = prefix + quote_ident(table + "_deleted")
+        self.meta = prefix + quote_ident(table + "_meta")
+        by_revision = quote_ident(table + "_by_revision")
+        tombstones_by_revision = quote_ident(table + "_deleted_by_rev")
         self.sequence = prefix + quote_ident(table + "_revision")
         index = quote_ident(table + "_expiry")
         next_revision = f"nextval({quote_literal(self.sequence)}::regclass)"
         regclass = quote_literal(self.table)
 
-        # One writer at a time prepares the table (several nodes may start at once).
+        # One writer at a time prepares the table (several nodes may start at once),
+        # and writes it: revisions are taken under this lock, so they commit in order.
         self.lock = f"SELECT pg_advisory_xact_lock(hashtext({quote_literal('dache:' + name)}))"
+        # Where writers announce their highest revision (a wake-up for followers).
+        self.channel = channel_name(name)
+        self.listen = f"LISTEN {quote_ident(self.channel)}"
         self.columns = (
             "SELECT a.attname, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a"
             f" WHERE a.attrelid = to_regclass({regclass}) AND a.attnum > 0"
@@ -119,13 +149,41 @@ class TableSQL:
         ]
         self.count = f"SELECT count(*) FROM {self.table}"
 
-        # A batch, as one statement (so one transaction in autocommit mode).
-        # Every change gets its own revision, in batch order; the last change
-        # per key is the one applied: the sets as one upsert (in key order, so
-        # concurrent writers lock rows in one order), the deletes as one DELETE.
+        # What following other nodes needs (see the module docstring); created
+        # when missing, inside the preparing transaction.
+        self.followed_objects = (
+            f"SELECT to_regclass({quote_literal(self.tombstones)}) IS NOT NULL"
+            f" AND to_regclass({quote_literal(self.meta)}) IS NOT NULL"
+            f" AND to_regclass({quote_literal(prefix + by_revision)}) IS NOT NULL"
+            f" AND to_regclass({quote_literal(prefix + tombstones_by_revision)}) IS NOT NULL"
+        )
+        self.create_followed = [
+            f"CREATE INDEX IF NOT EXISTS {by_revision} ON {self.table} (revision)",
+            f"CREATE TABLE IF NOT EXISTS {self.tombstones} ("
+            " key text PRIMARY KEY,"
+            " revision bigint NOT NULL,"
+            " deleted_at timestamptz NOT NULL DEFAULT now())",
+            f"CREATE INDEX IF NOT EXISTS {tombstones_by_revision} ON {self.tombstones} (revision)",
+            f"COMMENT ON TABLE {self.tombstones} IS "
+            + quote_literal(
+                f"dache: deletes from {name}, so other nodes see them; pruned after "
+                "POSTGRES_TOMBSTONE_RETENTION"
+            ),
+            f"CREATE TABLE IF NOT EXISTS {self.meta} ("
+            " one boolean PRIMARY KEY DEFAULT true CHECK (one),"
+            " pruned_through bigint NOT NULL DEFAULT 0,"
+            " purged_at timestamptz)",
+            f"INSERT INTO {self.meta} DEFAULT VALUES ON CONFLICT DO NOTHING",
+        ]
+
+        # A batch, once the caller holds the lock. Every change gets its own
+        # revision, in batch order; the last change per key is the one applied:
+        # the sets as one upsert (in key order, so concurrent writers lock rows
+        # in one order), the deletes as one DELETE whose deleted rows leave
+        # tombstones; the highest revision is notified (delivered on commit).
         # Parameters: keys, values (NULL for deletes), expiries, is-a-set flags.
         # Answers each change's revision, in batch order.
-        self.write = (
+        self.write_locked = (
             "WITH batch AS MATERIALIZED ("
             f" SELECT k, v, e, is_set, n, {next_revision} AS revision FROM unnest("
             "%s::text[], %s::text[], %s::timestamptz[], %s::boolean[])"
@@ -137,17 +195,57 @@ class TableSQL:
             " ON CONFLICT (key) DO UPDATE SET value = excluded.value,"
             " expiry = excluded.expiry, revision = excluded.revision),"
             f" deleted AS (DELETE FROM {self.table}"
-            " WHERE key IN (SELECT k FROM last WHERE NOT is_set))"
-            " SELECT revision FROM batch ORDER BY n"
+            " WHERE key IN (SELECT k FROM last WHERE NOT is_set) RETURNING key),"
+            f" tombstoned AS (INSERT INTO {self.tombstones} AS d (key, revision)"
+            " SELECT l.k, l.revision FROM last l JOIN deleted ON deleted.key = l.k ORDER BY l.k"
+            " ON CONFLICT (key) DO UPDATE SET revision = excluded.revision,"
+            " deleted_at = excluded.deleted_at),"
+            " notified AS MATERIALIZED (SELECT"
+            f" pg_notify({quote_literal(self.channel)}, max(revision)::text) FROM batch)"
+            " SELECT revision FROM batch CROSS JOIN notified ORDER BY n"
+        )
+        # The same as one round trip: a query string of several statements is
+        # one transaction, and each statement sees what committed before it ran
+        # (so the write runs after the lock is granted).
+        self.write = f"{self.lock}; {self.write_locked}"
+        # Under the lock: the revision the sequence handed out last (key NULL),
+        # and the current rows of the keys a batch has preconditions on.
+        self.current = (
+            "SELECT NULL::text, (SELECT CASE WHEN is_called THEN last_value"
+            f" ELSE last_value - 1 END FROM {self.sequence}), NULL::bigint"
+            " UNION ALL SELECT key, revision, (extract(epoch FROM expiry) * 1000000)::bigint"
+            f" FROM {self.table} WHERE key = ANY(%s::text[])"
         )
         # Rows as the engine hands them on: expiry as exact microseconds.
         row = "key, value, (extract(epoch FROM expiry) * 1000000)::bigint, revision"
+        row_named = "key, value, (extract(epoch FROM expiry) * 1000000)::bigint AS micros, revision"
         self.declare_live = (
             f"DECLARE dache_load NO SCROLL CURSOR FOR SELECT {row} FROM {self.table}"
             " WHERE expiry IS NULL OR expiry > %s"
         )
         self.fetch_live = "FETCH FORWARD %s FROM dache_load"
-        self.select_keys = f"SELECT {row} FROM {self.table} WHERE key = ANY(%s::text[])"
+        # In the load's snapshot (REPEATABLE READ): every change up to this
+        # revision is in it. pruned_through counts: tombstones up to it are gone.
+        self.snapshot_revision = (
+            f"SELECT greatest((SELECT max(revision) FROM {self.table}),"
+            f" (SELECT max(revision) FROM {self.tombstones}),"
+            f" (SELECT pruned_through FROM {self.meta}), 0)"
+        )
+        # Every change above a revision, oldest first, at most `limit`: rows
+        # (sets) and tombstones (deletes, value NULL); and, in the same snapshot,
+        # pruned_through (always one row, so it is read even with no changes).
+        self.changes_since = (
+            "SELECT m.pruned_through, c.key, c.value, c.micros, c.revision FROM"
+            f" (SELECT coalesce((SELECT pruned_through FROM {self.meta}), 0)"
+            " AS pruned_through) m LEFT JOIN LATERAL ("
+            f" (SELECT {row_named} FROM {self.table} WHERE revision > %(since)s"
+            " ORDER BY revision LIMIT %(limit)s)"
+            " UNION ALL"
+            " (SELECT key, NULL, NULL, revision"
+            f" FROM {self.tombstones} WHERE revision > %(since)s"
+            " ORDER BY revision LIMIT %(limit)s)"
+            " ORDER BY revision LIMIT %(limit)s) c ON true ORDER BY c.revision"
+        )
         # Bounded: at most %s rows per statement; SKIP LOCKED keeps out of writers' way.
         # Parameters: now, limit, now. Answers the number of rows deleted.
         self.purge = (
@@ -155,6 +253,35 @@ class TableSQL:
             " WHERE expiry <= %s LIMIT %s FOR UPDATE SKIP LOCKED) AND expiry <= %s"
             " RETURNING 1) SELECT count(*) FROM gone"
         )
+        # One purge per interval for all nodes: the node whose claim updates
+        # the row purges. Parameter: seconds that must have passed since the last.
+        self.claim_purge = (
+            f"UPDATE {self.meta} SET purged_at = now()"
+            " WHERE purged_at IS NULL OR purged_at <= now() - make_interval(secs => %s)"
+            " RETURNING true"
+        )
+        # Tombstones older than the retention go, at most %s per statement, and
+        # pruned_through records the highest revision pruned: a follower behind
+        # it may have missed a delete, so it reloads.
+        # Parameters: retention seconds, limit, retention seconds.
+        self.prune = (
+            f"WITH gone AS (DELETE FROM {self.tombstones} WHERE key IN (SELECT key"
+            f" FROM {self.tombstones} WHERE deleted_at < now() - make_interval(secs => %s)"
+            " LIMIT %s FOR UPDATE SKIP LOCKED)"
+            " AND deleted_at < now() - make_interval(secs => %s) RETURNING revision),"
+            f" noted AS (UPDATE {self.meta} SET pruned_through ="
+            " greatest(pruned_through, (SELECT max(revision) FROM gone))"
+            " WHERE EXISTS (SELECT 1 FROM gone))"
+            " SELECT count(*) FROM gone"
+        )
+
+
+def channel_name(table: str) -> str:
+    """The NOTIFY channel of a table (an identifier: at most 63 bytes)."""
+    channel = f"dache:{table}"
+    if len(channel) > 63:
+        channel = "dache:" + hashlib.sha1(table.encode("utf-8")).hexdigest()[:32]
+    return channel
 
 
 def describe_shape(columns: dict[str, str]) -> str:

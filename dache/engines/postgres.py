@@ -2,19 +2,27 @@
 The PostgreSQL durability engine: every acknowledged set and delete is a row
 change committed in PostgreSQL (through txpostgres) before it is visible.
 
-- write(batch) is one statement, so one transaction: every change gets a
-  revision from the table's sequence, in batch order; the last change per key
-  wins, the sets as one `unnest` upsert and the deletes as one DELETE.
+- write(batch) is one transaction: the table's advisory lock, then every
+  change gets a revision from the table's sequence, in batch order (so
+  revisions commit in order, for other nodes following the table); the last
+  change per key wins, the sets as one `unnest` upsert and the deletes as one
+  DELETE leaving tombstones; a NOTIFY carries the highest revision. Without
+  preconditions that is one round trip (one query string); a batch with
+  preconditions reads its keys' current revisions under the lock and decides
+  them there (decides_preconditions), so nodes racing on a key cannot both win.
 - load(apply) connects (retrying with backoff for POSTGRES_CONNECT_TIMEOUT),
   creates or migrates the table (see pg_schema), then streams the live rows
-  through a server-side cursor in chunks.
+  through a server-side cursor in chunks, in one snapshot whose revision is
+  where following other nodes' changes starts (pg_follow, once follow() gave
+  it the node's memory).
 - While PostgreSQL is away every write fails at once with EngineUnavailable
   (the API answers 503); each connection reconnects on its own (pg_pool).
 - A write whose connection failed mid-statement may or may not have
-  committed. Its keys are "in doubt" until re-read from the table; the rows
-  found are handed to subscribers (the service applies them to memory)
-  before any later write, so memory keeps mirroring the table.
-- Expired rows are purged in the background in bounded batches.
+  committed. Its keys are "in doubt" until the next catch-up, which reads
+  whatever did commit (memory applies it by revision, so the order in which
+  that happens does not matter).
+- Expired rows are purged in the background in bounded batches, by one node
+  per interval; tombstones older than the retention go with them.
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ from txpostgres.reconnection import ConnectionDead
 
 from dache.config import ConfigError
 from dache.engines import SET, Change, EngineHealth, EngineUnavailable
+from dache.engines.pg_follow import READ_ERRORS, TableFollower, stream_snapshot
 from dache.engines.pg_pool import (
     CONNECTION_ERRORS,
     PooledConnection,
@@ -55,7 +64,8 @@ from dache.service import StartupError
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 LOAD_CHUNK = 10_000  # rows per FETCH at start-up
-PURGE_INTERVAL = 30.0  # seconds between purges of expired rows
+PURGE_INTERVAL = 30.0  # seconds between purges of expired rows (one node purges)
+TOMBSTONE_RETENTION = 3600.0  # seconds deletes stay readable by following nodes
 PURGE_BATCH = 1_000  # rows per purge statement
 PURGE_ROUNDS = 100  # statements per purge, at most
 ATTEMPT_TIMEOUT = 10.0  # seconds one connection attempt may take
@@ -75,6 +85,8 @@ class PostgresSettings:
     table: str = "dache"
     pool_size: int = 2
     connect_timeout: float = 30.0
+    tombstone_retention: float = TOMBSTONE_RETENTION
+    purge_interval: float = PURGE_INTERVAL
 
     @property
     def where(self) -> str:
@@ -134,6 +146,8 @@ def settings_from_config(config: Any) -> PostgresSettings:
         table=config.postgres_table,
         pool_size=config.postgres_pool_size,
         connect_timeout=config.postgres_connect_timeout,
+        tombstone_retention=config.postgres_tombstone_retention,
+        purge_interval=config.postgres_purge_interval,
     )
 
 
@@ -146,28 +160,40 @@ def to_micros_float(seconds: float) -> float:
     return round(seconds * 1_000_000) / 1_000_000
 
 
-def _row_change(row: tuple[str, str, int | None, int]) -> Change:
-    key, value, micros, revision = row
-    expiry = None if micros is None else micros / 1_000_000
-    return Change(SET, key, value.encode("utf-8"), expiry, revision)
+def write_params(changes: list[Change]) -> tuple[list[Any], ...]:
+    """The write statement's parameters: keys, values, expiries, is-a-set flags."""
+    keys, values, expiries, is_set = [], [], [], []
+    for change in changes:
+        keys.append(change.key)
+        if change.kind == SET:
+            assert change.value_json is not None
+            values.append(change.value_json.decode("utf-8"))
+            expiries.append(None if change.expiry is None else to_timestamp(change.expiry))
+            is_set.append(True)
+        else:
+            values.append(None)
+            expiries.append(None)
+            is_set.append(False)
+    return keys, values, expiries, is_set
 
 
 class PostgresEngine:
     name = "postgres"
+    decides_preconditions = True  # in the transaction: other nodes write the table too
     log = Logger()
 
     def __init__(
         self,
         settings: PostgresSettings,
         reactor: Any,
-        purge_interval: float = PURGE_INTERVAL,
+        purge_interval: float | None = None,
         purge_batch: int = PURGE_BATCH,
         load_chunk: int = LOAD_CHUNK,
     ):
         self.settings = settings
         self.reactor = reactor
         self.sql = TableSQL(settings.table)
-        self.purge_interval = purge_interval
+        self.purge_interval = settings.purge_interval if purge_interval is None else purge_interval
         self.purge_batch = purge_batch
         self.load_chunk = load_chunk
         self.pool = ReconnectingPool(
@@ -181,11 +207,13 @@ class PostgresEngine:
         # Counters, for health checks, metrics and tests.
         self.transactions = 0  # committed write transactions
         self.purged = 0  # expired rows deleted
+        self.pruned = 0  # tombstones deleted
         self.available = False  # at least one connection is up
         self.down_since: float | None = None
-        self._lane = DeferredLock()  # writes and in-doubt resolution, one at a time
-        self._in_doubt: set[str] = set()
-        self._subscribers: list[Callable[[Change], None]] = []
+        self._lane = DeferredLock()  # writes, one at a time
+        self._in_doubt: set[str] = set()  # keys of writes of unknown outcome
+        self.follower: TableFollower | None = None  # once follow() was called
+        self._target: Any = None
         self._purger: LoopingCall | None = None
         self._purging = False
         self._closed = False
@@ -198,9 +226,29 @@ class PostgresEngine:
     def check_config(config: Any) -> None:
         settings_from_config(config)
 
-    def subscribe(self, callback: Callable[[Change], None]) -> None:
-        """callback(change) for committed changes this node did not apply itself."""
-        self._subscribers.append(callback)
+    def follow(self, target: Any) -> None:
+        """
+        Before load(): hand every change other nodes commit (and whatever a write
+        of unknown outcome did) to target, a dache.follow.FollowedCache.
+        """
+        self._target = target
+        self.follower = TableFollower(
+            self.reactor,
+            self.sql,
+            self.settings.conninfo(),
+            min(self.settings.connect_timeout, ATTEMPT_TIMEOUT),
+            self._snapshot,
+            self._backends,
+        )
+
+    def _backends(self) -> set[int]:
+        """The backend pids of the write pool's live connections."""
+        return {c._connection.get_backend_pid() for c in self.pool.everyone if c.alive}
+
+    def _snapshot(self, cursor: Any, apply: Callable[[Change], None]) -> Deferred[Any]:
+        """An interaction: every live row, in one snapshot; answers (rows, revision)."""
+        now = to_timestamp(self.reactor.seconds())
+        return stream_snapshot(cursor, self.sql, now, self.load_chunk, apply)
 
     # -- start-up
 
@@ -212,15 +260,19 @@ class PostgresEngine:
             if done is not None:  # logged once committed
                 self.log.emit(*done, table=self.settings.table)
             began = time.monotonic()
-            count = yield self.pool.runInteraction(self._stream_live, apply)
+            count, revision = yield self.pool.runInteraction(self._snapshot, apply)
         except (psycopg2.Error, ConnectionDead, *CONNECTION_ERRORS) as e:
             raise StartupError(f"PostgreSQL table {self.settings.table}: {describe(e)}")
         self.log.info(
-            "read {count} live rows from PostgreSQL table {table} in {seconds:.2f}s",
+            "read {count} live rows from PostgreSQL table {table} in {seconds:.2f}s "
+            "(as of revision {revision})",
             count=count,
             table=self.settings.table,
             seconds=time.monotonic() - began,
+            revision=revision,
         )
+        if self.follower is not None:
+            self.follower.start(self._target, revision)
         self._start_purging()
 
     @inlineCallbacks
@@ -233,10 +285,10 @@ class PostgresEngine:
         while True:
             attempt += 1
             remaining = deadline - self.reactor.seconds()
-            for connection in self.pool.everyone:
+            for connection in self._all_connections():
                 connection.connect_timeout = max(0.1, min(ATTEMPT_TIMEOUT, remaining))
             try:
-                yield self.pool.connect()
+                yield self._connect_all()
             except CancelledError:
                 raise  # dache is stopping
             except Exception as e:
@@ -259,14 +311,31 @@ class PostgresEngine:
                 yield deferLater(self.reactor, delay, lambda: None)
             else:
                 self.available = True
-                for connection in self.pool.everyone:
+                for connection in self._all_connections():
                     connection.connect_timeout = min(timeout, ATTEMPT_TIMEOUT)
                 self.log.info(
-                    "connected to PostgreSQL at {where} ({count} connections)",
+                    "connected to PostgreSQL at {where} ({count} connections{following})",
                     where=where,
                     count=len(self.pool.everyone),
+                    following=", and one following other nodes' changes" if self.follower else "",
                 )
                 return
+
+    def _all_connections(self) -> list[PooledConnection]:
+        followers = self.follower.pool.everyone if self.follower is not None else ()
+        return [*self.pool.everyone, *followers]
+
+    @inlineCallbacks
+    def _connect_all(self) -> Any:
+        yield self.pool.connect()
+        if self.follower is None:
+            return
+        try:
+            yield self.follower.connect()  # LISTEN before the load's snapshot
+        except BaseException:
+            self.pool.disconnect()
+            self.follower.disconnect()
+            raise
 
     @inlineCallbacks
     def _prepare_table(self, cursor: Any) -> Any:
@@ -283,7 +352,7 @@ class PostgresEngine:
         yield cursor.execute(sql.columns)
         columns = dict(cursor.fetchall())
         if not columns:
-            for statement in sql.create:
+            for statement in sql.create + sql.create_followed:
                 yield cursor.execute(statement)
             return LogLevel.info, "created PostgreSQL table {table}"
         if columns not in (CURRENT_SHAPE, SHAPE_0_3_0):
@@ -295,30 +364,25 @@ class PostgresEngine:
         if not cursor.fetchone()[0]:
             raise StartupError(f"table {name} has no primary key or unique index on key alone")
         if columns == CURRENT_SHAPE:
-            return None
+            yield cursor.execute(sql.followed_objects)
+            if cursor.fetchone()[0]:
+                return None
+            for statement in sql.create_followed:
+                yield cursor.execute(statement)
+            return (
+                LogLevel.info,
+                "added what following other nodes needs to PostgreSQL table {table} "
+                "(tombstones, a revision index)",
+            )
         yield cursor.execute(sql.count)
         (rows,) = cursor.fetchone()
-        for statement in sql.migrate_0_3_0:
+        for statement in sql.migrate_0_3_0 + sql.create_followed:
             yield cursor.execute(statement)
         return (
             LogLevel.warn,
             f"migrated PostgreSQL table {{table}} from the dache 0.3.0 shape: {rows} rows "
             "(string values are now JSON strings; expiry was read as UTC)",
         )
-
-    @inlineCallbacks
-    def _stream_live(self, cursor: Any, apply: Callable[[Change], None]) -> Any:
-        """Hand every live row to apply, a chunk at a time (never the whole table at once)."""
-        yield cursor.execute(self.sql.declare_live, (to_timestamp(self.reactor.seconds()),))
-        count = 0
-        while True:
-            yield cursor.execute(self.sql.fetch_live, (self.load_chunk,))
-            rows = cursor.fetchall()
-            if not rows:
-                return count
-            for row in rows:
-                apply(_row_change(row))
-            count += len(rows)
 
     # -- writes
 
@@ -331,31 +395,66 @@ class PostgresEngine:
 
     @inlineCallbacks
     def _write(self, changes: list[Change]) -> Any:
-        if self._in_doubt:
-            yield self._resolve_in_doubt()
-        keys, values, expiries, is_set = [], [], [], []
-        for change in changes:
-            keys.append(change.key)
-            if change.kind == SET:
-                values.append(change.value_json.decode("utf-8"))
-                expiries.append(None if change.expiry is None else to_timestamp(change.expiry))
-                is_set.append(True)
-            else:
-                values.append(None)
-                expiries.append(None)
-                is_set.append(False)
-        rows = yield self._run_write((keys, values, expiries, is_set), set(keys))
-        for change, (revision,) in zip(changes, rows, strict=True):
+        keys = {change.key for change in changes}
+        if any(change.conditional for change in changes):
+            # Not retried: a first attempt that did commit would fail its own
+            # precondition the second time.
+            rows = yield self._attempt(
+                lambda: self.pool.runInteraction(self._decide_and_write, changes), keys, False
+            )
+            written = [change for change in changes if not change.rejected]
+        else:
+            params = write_params(changes)
+            rows = yield self._attempt(lambda: self.pool.runQuery(self.sql.write, params), keys)
+            written = changes
+        for change, (revision,) in zip(written, rows, strict=True):
             change.revision = revision
             if change.expiry is not None:
                 change.expiry = to_micros_float(change.expiry)
+        if written and self.follower is not None:
+            self.follower.own_write(written[0].revision, written[-1].revision)
 
     @inlineCallbacks
-    def _run_write(self, params: tuple[list[Any], ...], keys: Any) -> Any:
+    def _decide_and_write(self, cursor: Any, changes: list[Change]) -> Any:
+        """
+        An interaction: under the table's lock, decide the batch's preconditions
+        against the table as each change will find it (the current rows, then
+        the batch's earlier changes), mark the failed ones rejected, write the rest.
+        """
+        yield cursor.execute(self.sql.lock)
+        conditional = sorted({change.key for change in changes if change.conditional})
+        yield cursor.execute(self.sql.current, (conditional,))
+        now = self.reactor.seconds()
+        next_revision = 1
+        current: dict[str, int | None] = {}
+        for key, revision, micros in cursor.fetchall():
+            if key is None:  # the sequence's last revision handed out
+                next_revision = (revision or 0) + 1
+            else:  # expired by this node's clock: absent
+                current[key] = revision if micros is None or micros / 1_000_000 > now else None
+        kept = []
+        for change in changes:
+            revision = current.get(change.key)
+            if change.conditional and not change.precondition_holds(revision):
+                change.rejected = True
+                change.revision = revision or 0
+                continue
+            # Revisions are taken in batch order under the lock: this is the one it gets.
+            current[change.key] = next_revision if change.kind == SET else None
+            next_revision += 1
+            kept.append(change)
+        if not kept:
+            return []
+        yield cursor.execute(self.sql.write_locked, write_params(kept))
+        return cursor.fetchall()
+
+    @inlineCallbacks
+    def _attempt(self, run: Callable[[], Deferred[Any]], keys: set[str], retry: bool = True) -> Any:
         for attempt in (1, 2):
             try:
-                rows = yield self.pool.runQuery(self.sql.write, params)
+                result = yield run()
             except ConnectionDead:
+                self._resolve_later(keys)  # (if the first attempt left them in doubt)
                 raise EngineUnavailable(UNREACHABLE)
             except (*CONNECTION_ERRORS, CancelledError) as e:
                 # (CancelledError: the server cancelled the statement, e.g. an
@@ -363,36 +462,26 @@ class PostgresEngine:
                 # Sent, but did it commit? Re-writing is safe (sets and deletes
                 # are idempotent), so try once more on another live connection.
                 self._in_doubt.update(keys)
-                if attempt == 1 and self.pool.alive:
+                if retry and attempt == 1 and self.pool.alive:
                     continue
+                self._resolve_later(keys)
                 raise EngineUnavailable(
                     f"the connection to PostgreSQL failed during the write ({describe(e)}); "
                     "it may not have been made"
                 )
             except psycopg2.Error as e:
+                self._resolve_later(keys)
                 self.log.error("PostgreSQL refused a write: {reason}", reason=describe(e))
                 raise EngineUnavailable("PostgreSQL refused the write; see the server log")
             self._in_doubt.difference_update(keys)
             self.transactions += 1
-            return rows
+            return result
 
-    @inlineCallbacks
-    def _resolve_in_doubt(self) -> Any:
-        """Re-read keys whose last write had an unknown outcome; hand their rows on."""
-        keys = sorted(self._in_doubt)
-        try:
-            rows = yield self.pool.runQuery(self.sql.select_keys, (keys,))
-        except ConnectionDead:
-            raise EngineUnavailable(UNREACHABLE)
-        except (psycopg2.Error, CancelledError, *CONNECTION_ERRORS) as e:
-            raise EngineUnavailable(f"PostgreSQL could not be read ({describe(e)})")
-        found = {row[0]: _row_change(row) for row in rows}
-        self._in_doubt.difference_update(keys)
-        for key in keys:
-            change = found.get(key) or Change.delete(key)
-            for callback in self._subscribers:
-                callback(change)
-        self.log.info("re-read {count} keys whose write had an unknown outcome", count=len(keys))
+    def _resolve_later(self, keys: set[str]) -> None:
+        """Keys of a write of unknown outcome: the next catch-up reads what committed."""
+        if self.follower is None or not keys & self._in_doubt:
+            return
+        self.follower.caught_up().addCallback(lambda _: self._in_doubt.difference_update(keys))
 
     # -- connection state
 
@@ -424,26 +513,39 @@ class PostgresEngine:
                 where=self.settings.where,
                 seconds=self.reactor.seconds() - (self.down_since or self.reactor.seconds()),
             )
-        if self._in_doubt:
-            d = self._lane.run(lambda: self._resolve_in_doubt() if self._in_doubt else None)
-            d.addErrback(lambda _: None)  # still unresolved: the next write tries again
 
     # -- expired rows
 
     def _start_purging(self) -> None:
-        self._purger = LoopingCall(self.purge_expired)
+        self._purger = LoopingCall(self._purge_if_due)
         self._purger.clock = self.reactor
         self._purger.start(self.purge_interval, now=False).addErrback(
             lambda f: self.log.failure("purging expired rows stopped", f)
         )
 
     @inlineCallbacks
+    def _purge_if_due(self) -> Any:
+        """Purge unless another node did within the last half interval (one purge for all)."""
+        if self._purging or self._closed or not self.pool.alive:
+            return
+        try:
+            claimed = yield self.pool.runQuery(self.sql.claim_purge, (self.purge_interval / 2,))
+        except READ_ERRORS:
+            return  # PostgreSQL is away: its outage is logged elsewhere; next time
+        if claimed:
+            yield self.purge_expired()
+
+    @inlineCallbacks
     def purge_expired(self) -> Any:
-        """Delete expired rows, PURGE_BATCH at a time; answers how many went."""
+        """
+        Delete expired rows and tombstones past the retention, PURGE_BATCH at a
+        time; answers how many expired rows went.
+        """
         if self._purging or self._closed or not self.pool.alive:
             return 0
         self._purging = True
         total = 0
+        retention = self.settings.tombstone_retention
         try:
             for _ in range(PURGE_ROUNDS):
                 now = to_timestamp(self.reactor.seconds())
@@ -451,7 +553,14 @@ class PostgresEngine:
                 total += rows[0][0]
                 if rows[0][0] < self.purge_batch:
                     break
-        except (psycopg2.Error, ConnectionDead, CancelledError, *CONNECTION_ERRORS) as e:
+            for _ in range(PURGE_ROUNDS):
+                rows = yield self.pool.runQuery(
+                    self.sql.prune, (retention, self.purge_batch, retention)
+                )
+                self.pruned += rows[0][0]
+                if rows[0][0] < self.purge_batch:
+                    break
+        except READ_ERRORS as e:
             self.log.info("purging expired rows failed ({reason}); will retry", reason=describe(e))
         finally:
             self._purging = False
@@ -474,12 +583,16 @@ class PostgresEngine:
         return d.addCallbacks(answered, failed)
 
     def _extra(self) -> dict[str, Any]:
-        return {
+        extra = {
             "transactions": self.transactions,
             "connections": self.pool.alive,
             "pool_size": len(self.pool.everyone),
             "in_doubt": len(self._in_doubt),
         }
+        if self.follower is not None:
+            extra["following"] = self.follower.listening
+            extra["revision"] = self.follower.watermark
+        return extra
 
     def close(self) -> Deferred[None]:
         if not self._closed:
@@ -490,5 +603,7 @@ class PostgresEngine:
         self._closed = True
         if self._purger is not None and self._purger.running:
             self._purger.stop()
+        if self.follower is not None:
+            self.follower.close()
         self.pool.close()
         return succeed(None)
