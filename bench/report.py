@@ -187,7 +187,10 @@ def markdown(
     )
     w(
         "Every server (dache, the ceiling, etcd) is pinned to core 0 and wrk (one thread) "
-        f"to core 1 with `taskset`, on loopback. Each scenario ran {context.rounds} "
+        "to core 1 with `taskset`, on loopback; the PostgreSQL that the postgres engine "
+        "writes to runs on core 1 too, beside wrk, as a database on its own host would "
+        "not take dache's core (its fsync is on: synchronous commits). "
+        f"Each scenario ran {context.rounds} "
         f"round(s) of {context.seconds:g} s after a {context.warmup:g} s warm-up, the "
         "rounds interleaved with every other scenario; figures are medians, and a ratio "
         "is the median of the ratios within each round (runs seconds apart). Ratios "
