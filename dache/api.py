@@ -378,24 +378,41 @@ class DacheResource(Resource):
         except Exception:
             return self.api.unexpected(request, Failure())
         if isinstance(result, Change):
-            d = self.api.committer.submit(result)
-            d.addCallbacks(self._written, self._write_failed, (request,), None, (request,))
+            self.api.committer.submit_to(result, _WriteAnswer(self.api, request))
             return NOT_DONE_YET
         return result
 
-    def _written(self, revision: int, request: IRequest) -> None:
-        try:
-            body = self.api._acknowledged(revision, request)
-        except Exception:
-            body = self.api.unexpected(request, Failure())
-        _finish(body, request)
 
-    def _write_failed(self, failure: Failure, request: IRequest) -> None:
+class _WriteAnswer:
+    """
+    A write's HTTP answer, as the committer's submit_to() calls it: directly,
+    so it must never raise into the committer.
+    """
+
+    __slots__ = ("api", "request")
+
+    def __init__(self, api: DacheAPI, request: IRequest):
+        self.api = api
+        self.request = request
+
+    def callback(self, revision: int) -> None:
         try:
-            body = self.api._write_failed(failure, request)
+            _finish(self.api._acknowledged(revision, self.request), self.request)
         except Exception:
-            body = self.api.unexpected(request, Failure())
-        _finish(body, request)
+            _failed_to_answer(self.api, self.request)
+
+    def errback(self, failure: Failure) -> None:
+        try:
+            _finish(self.api._write_failed(failure, self.request), self.request)
+        except Exception:
+            _failed_to_answer(self.api, self.request)
+
+
+def _failed_to_answer(api: DacheAPI, request: IRequest) -> None:
+    try:
+        _finish(api.unexpected(request, Failure()), request)
+    except Exception:
+        api.log.failure("could not answer a write")
 
 
 def _finish(body: bytes | None, request: IRequest) -> None:

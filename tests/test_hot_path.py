@@ -368,3 +368,34 @@ def test_a_closed_connection_leaves_no_timer_behind():
     transport.protocol.dataReceived(b"GET /dache/a HTTP/1.1\r\n")  # a request half sent
     transport.protocol.connectionLost(Failure(ConnectionDone()))
     assert clock.getDelayedCalls() == []
+
+
+def test_a_write_while_shutting_down_is_a_503_at_once():
+    node = MemoryNode()
+    transport = connect(DacheSite(node.api.resource(), reactor=node.clock))
+    node.committer.drain()
+    transport.protocol.dataReceived(post(b"/dache/k", b'{"value": 1}'))
+    answer = transport.value()
+    assert answer.startswith(b"HTTP/1.1 503 ")
+    assert b"shutting down" in answer
+    assert node.cache.get("k", node.clock.seconds()) is None
+
+
+def test_writes_of_one_batch_are_answered_in_order_through_the_fast_path():
+    engine = HeldEngine()
+    node = MemoryNode(engine=engine)
+    site = DacheSite(node.api.resource(), reactor=node.clock)
+    first, second, third = connect(site), connect(site), connect(site)
+    first.protocol.dataReceived(post(b"/dache/k", b'{"value": 1}'))  # in flight
+    second.protocol.dataReceived(post(b"/dache/k", b'{"value": 2}'))  # queued
+    third.protocol.dataReceived(post(b"/dache/k", b'{"value": 3}', b'If-Match: "1"\r\n'))
+    engine.release()
+    assert b'ETag: "1"' in first.value()
+    # The second batch goes to the engine; its If-Match "1" comes after the set
+    # to revision 2 in commit order, so it fails at once; the set waits.
+    assert second.value() == b""
+    assert third.value().startswith(b"HTTP/1.1 412 ")
+    assert b'current ETag is \\"2\\"' in third.value()
+    engine.release()
+    assert b'ETag: "2"' in second.value()
+    assert node.cache.get("k", node.clock.seconds()).value == 2
