@@ -342,10 +342,10 @@ class DacheResource(Resource):
     which costs more than the whole GET of an entry. The key routes are still
     declared in the Klein app, with the same handlers, so there is one route
     table; this only skips the matching for the hot ones. Writes take the
-    change from the same handlers and are answered from one callback pair on
-    the committer's Deferred (each callback added to a Deferred that already
-    fired runs Twisted's callback loop again: three of them cost more than the
-    memory engine's whole write).
+    change from the same handlers and hand it to the committer with their
+    answer (Committer.submit_to), not through a Deferred: a Deferred's
+    creation, firing and callback loop cost more than the memory engine's
+    whole write.
     """
 
     isLeaf = True
