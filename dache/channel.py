@@ -1,6 +1,6 @@
 """
-The HTTP connection: a deadline for receiving each request, and answers sent
-at once.
+The HTTP connection: a deadline for receiving each request, timers kept per
+connection rather than per request, and answers sent at once.
 
 Twisted's idle timeout (the Site's `timeout`, IDLE_TIMEOUT) restarts on every
 byte received, so a client that trickles a header line or a body one byte at
@@ -20,6 +20,12 @@ end of the response) and sends them together straight away when the
 transport is a plain TCP socket with an empty buffer; whatever the
 socket does not take, and every other case (TLS, a backlog), goes through the
 transport as before, in order.
+
+Timers per connection: Twisted's idle timeout is cancelled when a request
+comes in and made again when it is answered, and a request deadline would be
+one more timer per request; each is a DelayedCall and its cancel, a few per
+cent of a GET. Here each connection keeps one timer of each kind, moved
+rather than remade, and checks on firing whether it still applies.
 """
 
 from __future__ import annotations
@@ -45,12 +51,14 @@ def _request_timeout_response(seconds: float) -> bytes:
 
 
 class DacheChannel(HTTPChannel):
-    """An HTTP/1.1 channel that drops clients too slow to send a request."""
+    """
+    An HTTP/1.1 channel that drops clients too slow to send a request, and
+    sends each answer straight to the socket when it can.
+    """
 
     site: Any  # set by Site.buildProtocol
-    # One timer per connection, not per request (a DelayedCall and its cancel
-    # on every request cost about 3% of a GET): the request's start time is
-    # noted, and the timer, when it fires, checks it and re-arms or lapses.
+    # The request deadline's timer: the request's start time is noted, and the
+    # timer, when it fires, checks it and re-arms or lapses.
     _deadline: Any = None  # IDelayedCall, or None
     _request_began: float | None = None  # first byte of the request being received
     _timed_out = False
