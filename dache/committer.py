@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -89,10 +89,8 @@ class Committer:
 
     def submit(self, change: Change) -> Deferred[int]:
         """Queue a change; fires with its revision once durable and applied."""
-        if self._closing:
-            return fail(ShuttingDown("dache is shutting down; retry on another node"))
         d: Deferred[int] = Deferred()
-        self._queue(change, d)
+        self.submit_to(change, d)
         return d
 
     def submit_to(self, change: Change, answer: Waiter) -> None:

@@ -74,7 +74,8 @@ class DacheProcess:
             text=True,
             **popen,
         )
-        threading.Thread(target=self._read_output, daemon=True).start()
+        self._reader = threading.Thread(target=self._read_output, daemon=True)
+        self._reader.start()
         if wait:
             self.wait_listening(timeout)
         return self
@@ -99,7 +100,7 @@ class DacheProcess:
     def wait_exit(self, timeout: float = 30.0) -> int:
         assert self.proc is not None
         code = self.proc.wait(timeout)
-        time.sleep(0)  # let the reader thread drain
+        self._reader.join(timeout)  # every line the process wrote is in self.lines
         return code
 
     def terminate(self, timeout: float = 30.0) -> int:
