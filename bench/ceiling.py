@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--value-bytes", type=int, default=100)
     args = parser.parse_args(argv)
 
-    # dache's Site settings: no form parsing of POST bodies (see dache.http).
+    # dache's Site settings: no form parsing of POST bodies (see dache.web.site).
     site = CeilingSite(
         CeilingResource(constant_body(args.value_bytes)), parsePOSTFormSubmission=False
     )

@@ -32,10 +32,10 @@ from typing import Any
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import LoopingCall, react
 
-from dache.cache import Cache
 from dache.engines import SET, Change
 from dache.engines.disk import LOG_NAME, DiskEngine
 from dache.engines.disklog import encode_header, encode_set, frame
+from dache.store.cache import Cache
 
 SERVER_CPU, LOAD_CPU = "0", "1"
 CONNECTIONS = (1, 16, 64)

@@ -110,8 +110,8 @@ def run_one(metrics: bool, seconds: float, connections: int) -> tuple[float, flo
 
 def hook_microseconds() -> float:
     """CPU cost of the per-request metrics hook alone (what DacheSite.log adds), in µs."""
-    from dache.metrics import Metrics
     from dache.testing import MemoryNode
+    from dache.web.metrics import Metrics
 
     node = MemoryNode()
     metrics = Metrics(node.cache, node.committer, node.api.monitor, process=False)
@@ -137,9 +137,9 @@ def in_process(blocks: int = 40, per_block: int = 3000) -> tuple[float, float]:
     from twisted.internet.task import Clock
     from twisted.internet.testing import StringTransport
 
-    from dache.http import DacheSite
-    from dache.metrics import Metrics
     from dache.testing import MemoryNode
+    from dache.web.metrics import Metrics
+    from dache.web.site import DacheSite
 
     request = b"GET /dache/bench HTTP/1.1\r\nHost: dache\r\n\r\n"
 

@@ -23,13 +23,13 @@ from twisted.internet.testing import StringTransport
 
 from bench.ceiling import CeilingResource, CeilingSite, constant_body
 from bench.scenarios import set_body
-from dache.api import DacheAPI
-from dache.auth import Access
-from dache.cache import Cache
-from dache.committer import Committer
 from dache.config import default_config
 from dache.engines.memory import MemoryEngine
-from dache.http import DacheSite
+from dache.store.cache import Cache
+from dache.store.committer import Committer
+from dache.web.api import DacheAPI
+from dache.web.auth import Access
+from dache.web.site import DacheSite
 
 ADDRESS = IPv4Address("TCP", "127.0.0.1", 40000)
 

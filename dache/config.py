@@ -18,10 +18,7 @@ from twisted.python import usage
 
 from dache.engines import REGISTRY
 from dache.engines.pg_schema import parse_table_name
-
-
-class ConfigError(Exception):
-    """A setting has a value dache cannot use; the message is one line for a person."""
+from dache.errors import ConfigError
 
 
 @dataclass(frozen=True)

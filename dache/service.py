@@ -25,24 +25,21 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from dache import gcpolicy, systemd
-from dache.api import DacheAPI
-from dache.auth import Access
-from dache.cache import Cache
-from dache.committer import Committer
-from dache.config import Config, ConfigError
+from dache.config import Config
 from dache.engines import SET, Change, create_engine
-from dache.follow import FollowedCache
-from dache.health import HealthMonitor
-from dache.http import DacheSite
+from dache.errors import ConfigError, StartupError
 from dache.logs import offer_observer
-from dache.metrics import Metrics
+from dache.store.cache import Cache
+from dache.store.committer import Committer
+from dache.store.follow import FollowedCache
+from dache.web.api import DacheAPI
+from dache.web.auth import Access
+from dache.web.health import HealthMonitor
+from dache.web.metrics import Metrics
+from dache.web.site import DacheSite
 from dache.workers import LISTEN_FD_ENV, WorkerPool, is_worker, watch_supervisor
 
 SWEEP_INTERVAL = 1.0  # seconds between expiry sweeps
-
-
-class StartupError(Exception):
-    """dache cannot start; str() is the one line to show."""
 
 
 def endpoint_description(config: Config) -> str:
@@ -105,7 +102,7 @@ class DacheService(service.Service):
         self.engine = create_engine(config, reactor)
         self.log.info("engine: {engine}", engine=self.engine.name)
         # An engine shared with other nodes hands their changes (and whatever a
-        # write of unknown outcome did) to memory, by revision (dache.follow).
+        # write of unknown outcome did) to memory, by revision (dache.store.follow).
         follow = getattr(self.engine, "follow", None)
         if follow is not None:
             follow(FollowedCache(self.cache, reactor))

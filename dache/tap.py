@@ -10,8 +10,9 @@ import os
 import sys
 from typing import Any
 
-from dache import auth, engines, logs, service
 from dache import config as _config
+from dache import engines, logs, service
+from dache.web import auth
 from dache.workers import is_worker
 
 Options = _config.Options

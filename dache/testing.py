@@ -14,11 +14,11 @@ from urllib.parse import quote
 from treq.testing import StubTreq
 from twisted.internet.task import Clock
 
-from dache.api import DacheAPI
-from dache.cache import Cache
-from dache.committer import Committer
 from dache.engines import Engine
 from dache.engines.memory import MemoryEngine
+from dache.store.cache import Cache
+from dache.store.committer import Committer
+from dache.web.api import DacheAPI
 
 BASE = "http://dache.test"
 

@@ -13,9 +13,9 @@ import json
 import pytest
 import pytest_twisted
 
-from dache.auth import Access, read_token_files
 from dache.config import ConfigError, default_config, resolve
 from dache.testing import MemoryNode
+from dache.web.auth import Access, read_token_files
 
 WRITE = "write-token-0123456789"
 READ = "read-token-9876543210"

@@ -1,6 +1,7 @@
 import json
 
-from dache.cache import Cache, Entry, render_json
+from dache.rendering import render_json
+from dache.store.cache import Cache, Entry
 
 
 def test_set_get_delete():

@@ -1,8 +1,8 @@
 from twisted.internet.task import Clock
 
-from dache.cache import Cache
-from dache.committer import Committer, ShuttingDown, WriteTimeout
 from dache.engines import Change, EngineUnavailable
+from dache.store.cache import Cache
+from dache.store.committer import Committer, ShuttingDown, WriteTimeout
 from tests.engines import HeldEngine
 
 

@@ -14,12 +14,12 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.logger import formatEvent, globalLogPublisher
 
-from dache.cache import Cache
-from dache.committer import Committer
 from dache.engines import SET, Change, EngineUnavailable
 from dache.engines.disk import LOG_NAME, DiskEngine, repair
 from dache.engines.disklog import FRAME, HEADER, scan
-from dache.service import StartupError
+from dache.errors import StartupError
+from dache.store.cache import Cache
+from dache.store.committer import Committer
 
 
 class Node:

@@ -1,11 +1,11 @@
-"""Applying other nodes' changes to memory by revision: never going back (dache.follow)."""
+"""Applying other nodes' changes to memory by revision: never going back (dache.store.follow)."""
 
 from twisted.internet.task import Clock
 
-from dache.cache import Cache
-from dache.committer import Committer
 from dache.engines import DELETE, Change
-from dache.follow import FollowedCache
+from dache.store.cache import Cache
+from dache.store.committer import Committer
+from dache.store.follow import FollowedCache
 from tests.engines import HeldEngine
 
 NOW = 1_700_000_000.0

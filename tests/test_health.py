@@ -16,8 +16,8 @@ from twisted.python.failure import Failure
 
 import dache
 from dache.engines import EngineHealth
-from dache.health import api_version
 from dache.testing import BASE, MemoryNode
+from dache.web.health import api_version
 from tests.switchable_engine import SwitchableEngine
 
 

@@ -57,7 +57,7 @@ def test_health_follows_postgres_down_and_up(dache_process, own_postgres, own_pg
     assert node.set("after", 1) == 204
 
     records = [json.loads(line) for line in list(node.lines)]
-    outage = [r for r in records if r.get("namespace") == "dache.health.HealthMonitor"]
+    outage = [r for r in records if r.get("namespace") == "dache.web.health.HealthMonitor"]
     assert [r["level"] for r in outage] == ["warn", "info"], outage
     assert outage[0]["engine"] == "postgres"
     assert outage[1]["outage_seconds"] > 0

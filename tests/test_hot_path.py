@@ -27,14 +27,14 @@ from bench.ceiling import CeilingResource, CeilingSite, constant_body
 from bench.load import Sample
 from bench.report import Runs, targets
 from bench.scenarios import KINDS, request_lines
-from dache.cache import Cache
-from dache.committer import Committer
 from dache.config import default_config
 from dache.engines import Change, EngineUnavailable
 from dache.engines.memory import MemoryEngine
-from dache.http import DacheSite
 from dache.service import DacheService
+from dache.store.cache import Cache
+from dache.store.committer import Committer
 from dache.testing import MemoryNode
+from dache.web.site import DacheSite
 from tests.engines import FailingEngine, HeldEngine
 
 ADDRESS = IPv4Address("TCP", "127.0.0.1", 50000)
@@ -237,7 +237,7 @@ def test_string_values_read_back_as_canonical_json_with_or_without_escapes():
             )
 
 
-# -- answers sent at once (dache.channel)
+# -- answers sent at once (dache.web.channel)
 
 
 class TCPPair:

@@ -5,8 +5,8 @@ import json
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 
-from dache.http import DacheSite
 from dache.testing import MemoryNode
+from dache.web.site import DacheSite
 
 
 def connect(node, limit=100):

@@ -13,8 +13,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import dache
-from dache.metrics import Histogram, Metrics
 from dache.testing import BASE, MemoryNode
+from dache.web.metrics import Histogram, Metrics
 from tests.switchable_engine import SwitchableEngine
 from tests.test_health import call, done
 

@@ -5,11 +5,10 @@ import time
 import pytest
 import pytest_twisted
 
-from dache.config import ConfigError
 from dache.engines import SET, Change
 from dache.engines import postgres as postgres_module
 from dache.engines.postgres import settings_from_config
-from dache.service import StartupError
+from dache.errors import ConfigError, StartupError
 
 
 @pytest_twisted.inlineCallbacks

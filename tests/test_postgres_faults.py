@@ -13,11 +13,11 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import deferLater
 from twisted.logger import LogLevel, globalLogPublisher
 
-from dache.cache import Cache
-from dache.committer import Committer
 from dache.engines import Change, EngineUnavailable
-from dache.follow import FollowedCache
-from dache.service import StartupError
+from dache.errors import StartupError
+from dache.store.cache import Cache
+from dache.store.committer import Committer
+from dache.store.follow import FollowedCache
 from tests.postgres import free_port
 
 

@@ -11,10 +11,10 @@ from twisted.internet import reactor
 from twisted.internet.defer import gatherResults, inlineCallbacks
 from twisted.internet.task import deferLater
 
-from dache.cache import Cache
-from dache.committer import Committer
 from dache.engines import ANY, Change, PreconditionFailed
-from dache.follow import FollowedCache
+from dache.store.cache import Cache
+from dache.store.committer import Committer
+from dache.store.follow import FollowedCache
 
 
 @inlineCallbacks

@@ -6,9 +6,10 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import gatherResults, inlineCallbacks
 
-from dache.cache import Cache, render_json
-from dache.committer import Committer
 from dache.engines import Change
+from dache.rendering import render_json
+from dache.store.cache import Cache
+from dache.store.committer import Committer
 
 WRITERS = 64
 WRITES_EACH = 10

@@ -6,9 +6,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import pytest_twisted
 
-from dache.cache import render_json
 from dache.engines import Change
-from dache.service import StartupError
+from dache.errors import StartupError
+from dache.rendering import render_json
 
 STRINGS = {
     "plain": "hello",

@@ -20,8 +20,8 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from dache.http import DacheSite
 from dache.testing import MemoryNode
+from dache.web.site import DacheSite
 
 IDLE = 10.0
 REQUEST = 3.0

@@ -17,7 +17,7 @@ engine's content as it was before the batch (all or nothing), and errback
 with EngineUnavailable carrying a message fit for a client (no secrets).
 
 Optional: follow(target), called before load(), for engines shared by several
-nodes: they hand target (a dache.follow.FollowedCache) every change committed
+nodes: they hand target (a dache.store.follow.FollowedCache) every change committed
 that this node did not apply itself (other nodes' changes, whatever a write of
 unknown outcome did), and target applies it by revision, never going back.
 And a static check_config(config) that raises ConfigError, which

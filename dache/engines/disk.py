@@ -106,7 +106,7 @@ from dache.engines.disklog import (
     sync_file,
     truncate,
 )
-from dache.service import StartupError
+from dache.errors import StartupError
 
 FSYNC_MODES = ("always", "everysec", "no")
 LOG_NAME = "dache.log"

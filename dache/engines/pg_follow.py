@@ -11,7 +11,7 @@ A node keeps a watermark: every change up to it is applied to its memory. It
 LISTENs on a connection of its own, and a notification is only a wake-up
 (notifications are lost while a connection is down): `catch_up` reads every
 row and tombstone above the watermark, oldest first, in chunks, hands each to
-the node's FollowedCache (dache.follow: never goes back) and moves the
+the node's FollowedCache (dache.store.follow: never goes back) and moves the
 watermark. It runs on every notification above the watermark (one at a time,
 re-run if woken meanwhile), after every reconnect (LISTEN re-issued first),
 and every POLL_INTERVAL in case a notification was lost.
@@ -110,7 +110,7 @@ class TableFollower:
             on_recovery=lambda _: self._reconnected(),
             **{**conninfo, "application_name": FOLLOWER_APPLICATION},
         )
-        self.target: Any = None  # a dache.follow.FollowedCache
+        self.target: Any = None  # a dache.store.follow.FollowedCache
         self.watermark = 0  # every change up to this revision is applied
         self.listening = False
         # Counters, for health and tests.

@@ -48,7 +48,6 @@ from twisted.python.failure import Failure
 from txpostgres.psycopg2_impl import psycopg2
 from txpostgres.reconnection import ConnectionDead
 
-from dache.config import ConfigError
 from dache.engines import SET, Change, EngineHealth, EngineUnavailable
 from dache.engines.pg_follow import READ_ERRORS, TableFollower, stream_snapshot
 from dache.engines.pg_pool import (
@@ -60,7 +59,7 @@ from dache.engines.pg_pool import (
     shield,
 )
 from dache.engines.pg_schema import CURRENT_SHAPE, SHAPE_0_3_0, TableSQL, describe_shape
-from dache.service import StartupError
+from dache.errors import ConfigError, StartupError
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 LOAD_CHUNK = 10_000  # rows per FETCH at start-up
@@ -229,7 +228,7 @@ class PostgresEngine:
     def follow(self, target: Any) -> None:
         """
         Before load(): hand every change other nodes commit (and whatever a write
-        of unknown outcome did) to target, a dache.follow.FollowedCache.
+        of unknown outcome did) to target, a dache.store.follow.FollowedCache.
         """
         self._target = target
         self.follower = TableFollower(

@@ -16,11 +16,11 @@ from twisted.web.http import datetimeToString
 from twisted.web.resource import _IEncodingResource
 from twisted.web.server import Request, Site, version
 
-from dache.api import KEY_PREFIX, error_body
-from dache.channel import DacheChannel
+from dache.web.api import KEY_PREFIX, error_body
+from dache.web.channel import DacheChannel
 
 if TYPE_CHECKING:
-    from dache.metrics import Metrics
+    from dache.web.metrics import Metrics
 
 
 def _too_large_response(limit: int) -> bytes:
@@ -131,7 +131,7 @@ class DacheRequest(Request):
     def write(self, data: bytes) -> None:
         super().write(data)
         # The channel holds headers back to send them with the body (see
-        # dache.channel); an answer without one (HEAD, 204, an empty first
+        # dache.web.channel); an answer without one (HEAD, 204, an empty first
         # write) sends them now.
         channel = getattr(self, "channel", None)
         if channel is not None:
@@ -159,7 +159,7 @@ class DacheSite(Site):
         # parse the Content-Type of every POST (email.headerregistry, ~60 us).
         kwargs.setdefault("parsePOSTFormSubmission", False)
         super().__init__(resource, timeout=timeout, **kwargs)
-        self.request_timeout = request_timeout  # see dache.channel
+        self.request_timeout = request_timeout  # see dache.web.channel
         self.max_body_bytes = max_body_bytes
         self.log_requests = access_log
         self.redact_keys = redact_keys

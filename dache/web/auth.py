@@ -26,8 +26,8 @@ from typing import Any
 
 from twisted.web.iweb import IRequest
 
-from dache.cache import render_json
 from dache.config import Config, ConfigError
+from dache.rendering import render_json
 
 READ_METHODS = frozenset((b"GET", b"HEAD"))
 HEALTH = b"/health"

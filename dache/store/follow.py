@@ -24,8 +24,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from dache.cache import Cache
 from dache.engines import SET, Change
+from dache.store.cache import Cache
 
 
 class FollowedCache:

@@ -23,8 +23,8 @@ from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from dache.cache import Cache
 from dache.engines import SET, Change, Engine, EngineUnavailable, PreconditionFailed
+from dache.store.cache import Cache
 
 
 class WriteTimeout(EngineUnavailable):
@@ -204,7 +204,7 @@ class Committer:
             if change.rejected:
                 continue
             # apply_*: memory may already hold a later revision of the key,
-            # applied from another node's change (see dache.follow).
+            # applied from another node's change (see dache.store.follow).
             if change.kind == SET:
                 cache.apply_set(change.key, change.value_json, change.expiry, change.revision)
             else:

@@ -16,26 +16,7 @@ import heapq
 import json
 from collections.abc import Iterator
 
-_DUMPS = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
-# What _DUMPS does for a str, without its Python layer (a million keys at load).
-_encode_str = json.encoder.encode_basestring
-
-
-def render_key(key: str) -> bytes:
-    """A key as a JSON string, UTF-8: render_json(key), faster."""
-    try:
-        return _encode_str(key).encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError("contains a lone UTF-16 surrogate, which is not valid Unicode")
-
-
-def render_json(value: object) -> bytes:
-    """Compact JSON as UTF-8; ValueError for NaN/Infinity or lone surrogates."""
-    try:
-        return _DUMPS(value).encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError("contains a lone UTF-16 surrogate, which is not valid Unicode")
-
+from dache.rendering import render_json, render_key
 
 _OFFSET_BITS = 32
 _OFFSET_MASK = (1 << _OFFSET_BITS) - 1

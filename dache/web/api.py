@@ -24,14 +24,15 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
-from dache.cache import Cache, render_json
-from dache.committer import Committer
 from dache.engines import ANY, Change, EngineUnavailable, PreconditionFailed
-from dache.health import HealthMonitor
-from dache.health import respond as health_response
+from dache.rendering import render_json
+from dache.store.cache import Cache
+from dache.store.committer import Committer
+from dache.web.health import HealthMonitor
+from dache.web.health import respond as health_response
 
 if TYPE_CHECKING:
-    from dache.metrics import Metrics
+    from dache.web.metrics import Metrics
 
 KEY_PREFIX = b"/dache/"
 WRITE_FIELDS = ("value", "expiry", "ttl")
@@ -190,7 +191,7 @@ class DacheAPI:
         metrics: Metrics | None = None,
         access: Any = None,
     ):
-        self.access = access  # a dache.auth.Access, or None: no access control
+        self.access = access  # a dache.web.auth.Access, or None: no access control
         self.cache = cache
         self.committer = committer
         self.clock = clock
@@ -243,7 +244,7 @@ class DacheAPI:
         key = parse_key(request.path, self.max_key_bytes)
         return apply_preconditions(request, Change.delete(key))
 
-    # -- health and metrics (see dache.health, dache.metrics)
+    # -- health and metrics (see dache.web.health, dache.web.metrics)
 
     @app.route("/health", methods=["GET", "HEAD"])
     def health(self, request: IRequest) -> Deferred[bytes]:

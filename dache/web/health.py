@@ -36,9 +36,10 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 
 import dache
-from dache.cache import Cache, render_json
-from dache.committer import Committer
 from dache.engines import Engine, EngineHealth, EngineUnavailable
+from dache.rendering import render_json
+from dache.store.cache import Cache
+from dache.store.committer import Committer
 
 HEALTH_JSON = b"application/health+json"
 MAX_AGE = 1.0  # seconds an engine check result is reused

@@ -38,10 +38,10 @@ from twisted.internet.defer import Deferred
 from twisted.web.iweb import IRequest
 
 import dache
-from dache.cache import Cache
-from dache.committer import Committer
 from dache.engines import EngineUnavailable
-from dache.health import HealthMonitor
+from dache.store.cache import Cache
+from dache.store.committer import Committer
+from dache.web.health import HealthMonitor
 
 KEY_PREFIX = b"/dache/"
 KEY_ROUTE = "/dache/{key}"

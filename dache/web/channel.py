@@ -35,7 +35,7 @@ from typing import Any
 from twisted.internet.tcp import Connection
 from twisted.web.http import HTTPChannel
 
-from dache.cache import render_json
+from dache.rendering import render_json
 
 _SOCKET_SEND = Connection.writeSomeData
 

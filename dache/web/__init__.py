@@ -1,0 +1,3 @@
+"""The HTTP edge: the Klein app and its routes, the site and channel, access control,
+health and metrics endpoints.
+"""
