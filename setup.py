@@ -10,7 +10,7 @@ setup(
     packages=find_packages(include=["dache", "dache.*"]) + ["twisted.plugins"],
     package_data={"twisted": ["plugins/dache_plugin.py"]},
     install_requires=[
-        "Twisted[tls]>=24.7",  # tls: the ssl: endpoint (--listen ssl:8443:...)
+        "Twisted[tls]>=26.10,<27",  # tls: ssl: endpoints; <27: dache/web/twisted_private.py
         "klein>=24.8",
         "txpostgres>=1.7",
         "psycopg2-binary>=2.9",

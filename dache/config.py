@@ -349,6 +349,37 @@ SETTINGS: list[Setting] = [
         "Seconds a client has to send a whole request (headers and body) once it "
         "starts; slower ones get 408 and are disconnected.",
     ),
+    Setting(
+        "MAX_CONNECTIONS",
+        "max-connections",
+        "1000",
+        positive_int,
+        "Most client connections served at once; a request on one beyond it gets 503 "
+        "and the connection is closed.",
+    ),
+    Setting(
+        "OUTPUT_BUFFER_BYTES",
+        "output-buffer-bytes",
+        "65536",
+        positive_int,
+        "Unsent answer bytes a connection may hold before dache stops reading its "
+        "requests until the client takes them.",
+    ),
+    Setting(
+        "PIPELINE_BUFFER_BYTES",
+        "pipeline-buffer-bytes",
+        "16384",
+        positive_int,
+        "Bytes of pipelined requests read ahead while a connection's request is handled.",
+    ),
+    Setting(
+        "SEND_TIMEOUT",
+        "send-timeout",
+        "30",
+        positive_seconds,
+        "Seconds a connection may leave its answers unread (over OUTPUT_BUFFER_BYTES) "
+        "before it is closed.",
+    ),
 ]
 
 

@@ -32,6 +32,7 @@ from dache.logs import offer_observer
 from dache.store.cache import Cache
 from dache.store.committer import Committer
 from dache.store.follow import FollowedCache
+from dache.web import twisted_private
 from dache.web.api import DacheAPI
 from dache.web.auth import Access
 from dache.web.health import HealthMonitor
@@ -164,6 +165,10 @@ class DacheService(service.Service):
             metrics=self.metrics,
             timeout=config.idle_timeout,
             request_timeout=config.request_timeout,
+            max_connections=config.max_connections,
+            output_buffer_bytes=config.output_buffer_bytes,
+            pipeline_buffer_bytes=config.pipeline_buffer_bytes,
+            send_timeout=config.send_timeout,
         )
         self.port = yield self._endpoint().listen(self.site)
         self.started_at = reactor.seconds()
@@ -233,8 +238,7 @@ class DacheService(service.Service):
         # twistd re-raises the signal that stopped the reactor once it is done
         # (so the exit status would be "killed by SIGTERM"); a clean shutdown
         # exits 0, as process supervisors expect.
-        if getattr(self.reactor, "_exitSignal", None) is not None:
-            self.reactor._exitSignal = None
+        twisted_private.forget_exit_signal(self.reactor)
 
 
 def _describe(port: Any) -> str:

@@ -28,6 +28,7 @@ from dache.engines import ANY, Change, EngineUnavailable, PreconditionFailed
 from dache.rendering import render_json
 from dache.store.cache import Cache
 from dache.store.committer import Committer
+from dache.web import twisted_private
 from dache.web.health import HealthMonitor
 from dache.web.health import respond as health_response
 
@@ -417,7 +418,7 @@ def _failed_to_answer(api: DacheAPI, request: IRequest) -> None:
 
 
 def _finish(body: bytes | None, request: IRequest) -> None:
-    if body is None or request._disconnected:
+    if body is None or twisted_private.client_gone(request):
         return  # the client went away; the write itself carried on
     if body:
         request.setHeader(b"content-length", b"%d" % len(body))

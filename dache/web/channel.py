@@ -32,12 +32,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.tcp import Connection
+from twisted.logger import Logger
 from twisted.web.http import HTTPChannel
 
 from dache.rendering import render_json
-
-_SOCKET_SEND = Connection.writeSomeData
+from dache.web import twisted_private
 
 
 def _request_timeout_response(seconds: float) -> bytes:
@@ -66,6 +65,10 @@ class DacheChannel(HTTPChannel):
     _peer: Any = None
     _idle: Any = None  # IDelayedCall of the idle timeout, or None
     _head: list[bytes] | None = None  # status line and headers not sent yet
+    _answered: Any = None  # a request answered while the client was not reading
+    _send_deadline: Any = None  # IDelayedCall: SEND_TIMEOUT while over the output bound
+    refused = False  # over MAX_CONNECTIONS: every request gets 503, then close
+    log = Logger()
 
     # -- answers sent at once
 
@@ -95,21 +98,57 @@ class DacheChannel(HTTPChannel):
             self.write(b"")
 
     def _send(self, data: bytes) -> None:
-        transport = self.transport
-        if (
-            getattr(type(transport), "writeSomeData", None) is _SOCKET_SEND  # plain TCP
-            and transport.connected
-            and not transport.disconnecting
-            and not transport.TLS
-            and not transport._tempDataBuffer
-            and transport.offset == len(transport.dataBuffer)
-        ):
-            sent = transport.writeSomeData(data)
-            if type(sent) is int:  # else an error: the transport will find it again
-                if sent == len(data):
-                    return
-                data = data[sent:]
-        transport.write(data)
+        data = twisted_private.send_now(self.transport, data)
+        if data:
+            self.transport.write(data)
+
+    # -- bounded per connection
+
+    def connectionMade(self) -> None:
+        site = self.site
+        if site.over_connection_limit():
+            self.refused = True
+        site.open_connections += 1
+        super().connectionMade()
+        # Unsent output past this many bytes makes the transport pause us
+        # (twisted.internet.abstract.FileDescriptor.bufferSize).
+        self.transport.bufferSize = site.output_buffer_bytes
+        twisted_private.set_pipeline_bound(self, site.pipeline_buffer_bytes)
+
+    def requestDone(self, request: Any) -> None:
+        # Twisted's HTTPChannel goes on to the next pipelined request even when
+        # its transport has asked it to pause, so a client that sends requests
+        # and never reads the answers has every answer buffered in memory.
+        # Here the next request waits until the client has taken the output
+        # (resumeProducing), and nothing more is read from it meanwhile.
+        if twisted_private.waiting_for_transport(self) and self.persistent:
+            self._answered = request
+            twisted_private.stop_reading(self)
+            if self._send_deadline is None:
+                self._send_deadline = self.callLater(self.site.send_timeout, self._send_too_slow)
+            return
+        super().requestDone(request)
+
+    def resumeProducing(self) -> None:
+        super().resumeProducing()
+        request, self._answered = self._answered, None
+        if request is not None:
+            self._cancel_send_deadline()
+            super().requestDone(request)  # reads and parses what was held back
+
+    def _cancel_send_deadline(self) -> None:
+        if self._send_deadline is not None:
+            if self._send_deadline.active():
+                self._send_deadline.cancel()
+            self._send_deadline = None
+
+    def _send_too_slow(self) -> None:
+        self._send_deadline = None
+        self.log.info(
+            "closing a connection that has not read its answers for {seconds:g}s",
+            seconds=self.site.send_timeout,
+        )
+        self.transport.abortConnection()  # a client that does not read cannot take a close
 
     def dataReceived(self, data: bytes) -> None:
         if self._timed_out:
@@ -163,7 +202,10 @@ class DacheChannel(HTTPChannel):
             self.timeoutConnection()
 
     def connectionLost(self, reason: Any) -> None:
+        self.site.open_connections -= 1
         self._cancel_deadline()
+        self._cancel_send_deadline()
+        self._answered = None
         super().connectionLost(reason)
         if self._idle is not None:
             if self._idle.active():

@@ -118,6 +118,9 @@ class DacheRequest(Request):
         if self.path == b"*":
             self._handleStar()
             return
+        if self.channel.refused:
+            self._refuse_over_connection_limit()
+            return
         try:
             resource = self.site.getResourceFor(self)
             if _IEncodingResource.providedBy(resource):
@@ -127,6 +130,19 @@ class DacheRequest(Request):
             self.render(resource)
         except BaseException:
             self.processingFailed(Failure())
+
+    def _refuse_over_connection_limit(self) -> None:
+        body = error_body(
+            f"the server is at its limit of {self.site.max_connections} connections; retry later"
+        )
+        self.setResponseCode(503)
+        self.setHeader(b"content-type", b"application/json")
+        self.setHeader(b"retry-after", b"1")
+        self.setHeader(b"connection", b"close")
+        self.setHeader(b"content-length", b"%d" % len(body))
+        self.channel.persistent = False
+        self.write(body)
+        self.finish()
 
     def write(self, data: bytes) -> None:
         super().write(data)
@@ -153,6 +169,10 @@ class DacheSite(Site):
         timeout: float | None = Site.timeOut,
         metrics: Metrics | None = None,
         request_timeout: float | None = None,
+        max_connections: int | None = None,
+        output_buffer_bytes: int = 65536,
+        pipeline_buffer_bytes: int = 16384,
+        send_timeout: float = 30.0,
         **kwargs: Any,
     ):
         # dache reads bodies as JSON, never as forms: don't let twisted.web
@@ -160,10 +180,20 @@ class DacheSite(Site):
         kwargs.setdefault("parsePOSTFormSubmission", False)
         super().__init__(resource, timeout=timeout, **kwargs)
         self.request_timeout = request_timeout  # see dache.web.channel
+        # Bounds per connection (dache.web.channel): unsent output, pipelined
+        # requests read ahead, and how long a client may leave answers unread.
+        self.output_buffer_bytes = output_buffer_bytes
+        self.pipeline_buffer_bytes = pipeline_buffer_bytes
+        self.send_timeout = send_timeout
+        self.max_connections = max_connections  # None: no limit
+        self.open_connections = 0
         self.max_body_bytes = max_body_bytes
         self.log_requests = access_log
         self.redact_keys = redact_keys
         self.metrics = metrics
+
+    def over_connection_limit(self) -> bool:
+        return self.max_connections is not None and self.open_connections >= self.max_connections
 
     def log(self, request: Request) -> None:
         # Called once per answered request: the one place metrics count requests.

@@ -1,0 +1,75 @@
+"""
+The one place dache reaches into Twisted's private state. Nothing else in
+dache may touch an underscored Twisted attribute; each shortcut here names
+what it relies on, and tests/test_twisted_private.py has a test per shortcut
+that fails if the Twisted release in use stops behaving that way (setup.py
+bounds Twisted to the tested range).
+
+What each shortcut relies on:
+
+- send_now(transport, data): twisted.internet.tcp.Connection keeps unsent
+  output in `dataBuffer[offset:]` plus `_tempDataBuffer`, and
+  `writeSomeData(data)` sends straight to the socket, returning the byte
+  count. Used to send a small answer at once when nothing is buffered
+  (saves two epoll_ctl calls and a reactor turn per answer).
+- waiting_for_transport(channel): HTTPChannel sets `_waitingForTransport`
+  while its transport has asked it to pause (unsent output over bufferSize).
+- stop_reading(channel): HTTPChannel keeps the transport's push producer in
+  `_networkProducer`; pausing it stops reading from the socket.
+- set_pipeline_bound(channel, size): HTTPChannel buffers pipelined bytes
+  received while it handles a request up to `_optimisticEagerReadSize`, then
+  stops reading.
+- client_gone(request): twisted.web.http.Request sets `_disconnected` when
+  its connection is lost (the public notifyFinish() costs a Deferred per
+  request on the hot path).
+- forget_exit_signal(reactor): twistd re-raises the signal that stopped the
+  reactor, kept in `reactor._exitSignal`, once the reactor has stopped.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.tcp import Connection
+
+_SOCKET_SEND = Connection.writeSomeData
+
+
+def send_now(transport: Any, data: bytes) -> bytes:
+    """
+    Send what the socket takes of `data` now if `transport` is plain TCP with
+    nothing buffered; return what is left for transport.write().
+    """
+    if (
+        getattr(type(transport), "writeSomeData", None) is _SOCKET_SEND  # plain TCP
+        and transport.connected
+        and not transport.disconnecting
+        and not transport.TLS
+        and not transport._tempDataBuffer
+        and transport.offset == len(transport.dataBuffer)
+    ):
+        sent = transport.writeSomeData(data)
+        if type(sent) is int:  # else an error: the transport will find it again
+            return data[sent:]
+    return data
+
+
+def waiting_for_transport(channel: Any) -> bool:
+    return channel._waitingForTransport
+
+
+def stop_reading(channel: Any) -> None:
+    channel._networkProducer.pauseProducing()
+
+
+def set_pipeline_bound(channel: Any, size: int) -> None:
+    channel._optimisticEagerReadSize = size
+
+
+def client_gone(request: Any) -> bool:
+    return request._disconnected
+
+
+def forget_exit_signal(reactor: Any) -> None:
+    if getattr(reactor, "_exitSignal", None) is not None:
+        reactor._exitSignal = None
