@@ -31,6 +31,7 @@ from dache.store.committer import Committer
 from dache.web import twisted_private
 from dache.web.health import HealthMonitor
 from dache.web.health import respond as health_response
+from dache.web.json_text import BadJSON, NotAnObject, object_members
 
 if TYPE_CHECKING:
     from dache.web.metrics import Metrics
@@ -55,14 +56,6 @@ class APIError(Exception):
 @lru_cache(maxsize=256)  # most messages repeat ("key not found"): render each once
 def error_body(message: str) -> bytes:
     return render_json({"error": message})
-
-
-def _reject_constant(name: str) -> None:
-    raise APIError(400, f"body is not valid JSON: {name} is not a JSON number")
-
-
-# One decoder for every body (json.loads with an argument builds a new one per call).
-_decode_json = json.JSONDecoder(parse_constant=_reject_constant).decode
 
 
 def parse_key(path: bytes, max_key_bytes: int) -> str:
@@ -121,47 +114,48 @@ def _number(field: str, value: Any) -> float:
 
 
 def parse_write(body: bytes, key: str, now: float) -> Change:
-    """The change a POST/PUT body asks for: a set, or a delete if already expired."""
+    """
+    The change a POST/PUT body asks for: a set, or a delete if already
+    expired. The value is kept as the JSON text the client sent (see
+    dache.web.json_text).
+    """
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
         raise APIError(400, "body is not valid UTF-8")
     try:
-        document = _decode_json(text)
-    except json.JSONDecodeError as e:
-        raise APIError(400, f"body is not valid JSON: {e}")
-    except RecursionError:
-        raise APIError(400, "body is not valid JSON: nested too deeply")
-    if not isinstance(document, dict):
+        members = object_members(text)
+    except NotAnObject:
         raise APIError(400, 'body must be a JSON object like {"value": ...}')
-    if not _WRITE_FIELD_SET.issuperset(document):
-        unknown = [name for name in document if name not in WRITE_FIELDS]
+    except BadJSON as e:
+        raise APIError(400, f"body is not valid JSON: {e}")
+    if not _WRITE_FIELD_SET.issuperset(members):
+        unknown = [name for name in members if name not in WRITE_FIELDS]
         raise APIError(
-            400, f'unknown field "{unknown[0]}"; accepted fields: ' + ", ".join(WRITE_FIELDS)
+            400,
+            f"unknown field {json.dumps(unknown[0])}; accepted fields: " + ", ".join(WRITE_FIELDS),
         )
-    if "value" not in document:
+    if "value" not in members:
         raise APIError(400, 'body must have a "value" field')
-    if "expiry" in document and "ttl" in document:
+    if "expiry" in members and "ttl" in members:
         raise APIError(400, 'give either "expiry" or "ttl", not both')
-    value = document["value"]
-    if type(value) is str and b"\\" not in body:
-        # No escape anywhere in the body, so the string holds no '"', no '\\' and
-        # no control character (the decoder refuses raw ones): its JSON is itself
-        # in quotes, exactly what the encoder writes after walking it character
-        # by character (20 us for 10 KiB).
-        value_json = b'"%b"' % value.encode("utf-8")
+    value, start, end = members["value"]
+    if len(text) == len(body):  # ASCII: character offsets are byte offsets
+        value_json = body[start:end]
     else:
-        try:
-            value_json = render_json(value)
-        except (ValueError, RecursionError) as e:
+        value_json = text[start:end].encode("utf-8")
+    if b"\\u" in value_json:
+        try:  # a lone surrogate escape ("\ud800") is valid JSON but not Unicode
+            render_json(value)
+        except ValueError as e:
             raise APIError(400, f'"value" {e}')
 
-    expiry = document.get("expiry")
+    expiry = members["expiry"][0] if "expiry" in members else None
     if expiry is not None:
         expiry = _number("expiry", expiry)
         if expiry > MAX_EXPIRY:
             raise APIError(400, '"expiry" must be at or before 9999-12-31T23:59:59Z')
-    ttl = document.get("ttl")
+    ttl = members["ttl"][0] if "ttl" in members else None
     if ttl is not None:
         ttl = _number("ttl", ttl)
         if ttl <= 0:
