@@ -8,7 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["dache", "dache.*"]) + ["twisted.plugins"],
-    package_data={"twisted": ["plugins/dache_plugin.py"]},
+    package_data={"twisted": ["plugins/dache_plugin.py"], "dache.web": ["openapi.json"]},
     install_requires=[
         "Twisted[tls]>=26.10,<27",  # tls: ssl: endpoints; <27: dache/web/twisted_private.py
         "klein>=24.8",

@@ -1,7 +1,21 @@
 """
-The HTTP API: a Klein app with dache's routes, request parsing and validation,
-and the mapping of errors to statuses. Every error body is JSON
-{"error": "<what went wrong, for a person>"}; no traceback reaches a client.
+The HTTP API: dache's routes, declared once in a Klein app (DacheAPI.app),
+and request parsing and validation. dache.web.dispatch serves them.
+
+A route is one declaration, here or in a module of its own listed in
+ROUTE_MODULES:
+
+    @DacheAPI.app.route("/things/<path:key>", methods=["GET", "HEAD"])
+    def get_thing(api: DacheAPI, request: IRequest, key: str) -> bytes: ...
+
+A route whose rule ends in `<path:key>` gets its key already parsed (percent-
+decoded, UTF-8, within MAX_KEY_BYTES) from the raw request target, and is
+dispatched without werkzeug's per-request matching. A handler returns:
+bytes (the body; set status and headers on the request), a Change (committed;
+204 with its ETag), a Deferred firing with bytes, or NOT_DONE_YET (it
+finishes the request itself, e.g. a stream: request.begin_stream()). It
+raises APIError for a refusal. Every route needs its entry in
+dache/web/openapi.json (tests/test_openapi.py checks both ways).
 
 The API knows the cache (for reads) and the committer (for writes); it knows
 nothing of engines, SQL or files.
@@ -9,9 +23,9 @@ nothing of engines, SQL or files.
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
-from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote_to_bytes
 
@@ -21,17 +35,16 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET
-from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from dache.engines import ANY, Change, EngineUnavailable, PreconditionFailed
 from dache.rendering import render_json
 from dache.store.cache import Cache
 from dache.store.committer import Committer
-from dache.web import twisted_private
+from dache.web.answer import JSON, APIError, error
 from dache.web.health import HealthMonitor
 from dache.web.health import respond as health_response
 from dache.web.json_text import BadJSON, NotAnObject, object_members
+from dache.web.openapi import openapi_document
 
 if TYPE_CHECKING:
     from dache.web.metrics import Metrics
@@ -41,26 +54,11 @@ WRITE_FIELDS = ("value", "expiry", "ttl")
 _WRITE_FIELD_SET = frozenset(WRITE_FIELDS)
 # Latest expiry accepted: the end of year 9999 UTC, which every engine can store.
 MAX_EXPIRY = 253402300799.0
-JSON = b"application/json"
 
 
-class APIError(Exception):
-    """A request dache refuses; becomes `status {"error": message}`."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-@lru_cache(maxsize=256)  # most messages repeat ("key not found"): render each once
-def error_body(message: str) -> bytes:
-    return render_json({"error": message})
-
-
-def parse_key(path: bytes, max_key_bytes: int) -> str:
-    """The key from a raw request path /dache/<percent-encoded key>."""
-    raw = unquote_to_bytes(path[len(KEY_PREFIX) :])
+def parse_key(encoded: bytes, max_key_bytes: int) -> str:
+    """The key from its percent-encoded form in the raw request target."""
+    raw = unquote_to_bytes(encoded)
     if not raw:
         raise APIError(400, "key must not be empty")
     if len(raw) > max_key_bytes:
@@ -92,10 +90,10 @@ def parse_etags(header: bytes | None, name: str) -> str | tuple[int, ...] | None
             continue  # a weak tag never matches a strong comparison
         if len(tag) < 3 or not (tag.startswith(b'"') and tag.endswith(b'"')):
             raise APIError(400, f'{name} must be * or a list of ETags like "12"')
-        try:
-            revisions.append(int(tag[1:-1]))
-        except ValueError:
-            revisions.append(-1)  # not one of ours: can never match
+        # A strong comparison is byte for byte: '"012"' is not our '"12"'.
+        inner = tag[1:-1]
+        revision = int(inner) if inner.isdigit() and len(inner) < 20 else -1
+        revisions.append(revision if etag(revision) == tag else -1)
     return tuple(revisions)
 
 
@@ -170,7 +168,7 @@ def parse_write(body: bytes, key: str, now: float) -> Change:
 
 
 class DacheAPI:
-    """The routes. `DacheAPI(...).app.resource()` is the root resource."""
+    """The routes. `DacheAPI(...).resource()` is the root resource that serves them."""
 
     app = Klein()
     log = Logger()
@@ -198,18 +196,20 @@ class DacheAPI:
         self.metrics = metrics  # None: METRICS=false
 
     def resource(self) -> Resource:
+        from dache.web.dispatch import DacheResource
+
+        for module in ROUTE_MODULES:  # their routes join the table before it is read
+            importlib.import_module(module)
         return DacheResource(self)
 
     # -- routes
 
     @app.route("/dache", methods=["GET", "HEAD", "POST", "PUT", "DELETE"])
-    @app.route("/dache/", methods=["GET", "HEAD", "POST", "PUT", "DELETE"])
     def empty_key(self, request: IRequest) -> bytes:
         raise APIError(400, "key must not be empty: use /dache/<key>")
 
-    @app.route("/dache/<path:_key>", methods=["GET", "HEAD"])
-    def get(self, request: IRequest, _key: str) -> bytes:
-        key = parse_key(request.path, self.max_key_bytes)
+    @app.route("/dache/<path:key>", methods=["GET", "HEAD"])
+    def get(self, request: IRequest, key: str) -> bytes:
         entry = self.cache.get(key, self.clock.seconds())
         if entry is None:
             raise APIError(404, "key not found")
@@ -217,26 +217,16 @@ class DacheAPI:
         request.setHeader(b"etag", etag(entry.revision))
         return entry.body
 
-    @app.route("/dache/<path:_key>", methods=["POST", "PUT"])
-    def set(self, request: IRequest, _key: str) -> Deferred[bytes]:
-        return self._commit(request, self.set_change(request))
-
-    @app.route("/dache/<path:_key>", methods=["DELETE"])
-    def delete(self, request: IRequest, _key: str) -> Deferred[bytes]:
-        return self._commit(request, self.delete_change(request))
-
-    # The changes a write asks for; DacheResource commits them itself.
-
-    def set_change(self, request: IRequest, _key: object = None) -> Change:
-        key = parse_key(request.path, self.max_key_bytes)
+    @app.route("/dache/<path:key>", methods=["POST", "PUT"])
+    def set(self, request: IRequest, key: str) -> Change:
         body = request.content.read() if request.content is not None else b""
         if len(body) > self.max_value_bytes:
             raise APIError(413, f"body is over the {self.max_value_bytes}-byte limit")
         change = parse_write(body, key, self.clock.seconds())
         return apply_preconditions(request, change)
 
-    def delete_change(self, request: IRequest, _key: object = None) -> Change:
-        key = parse_key(request.path, self.max_key_bytes)
+    @app.route("/dache/<path:key>", methods=["DELETE"])
+    def delete(self, request: IRequest, key: str) -> Change:
         return apply_preconditions(request, Change.delete(key))
 
     # -- health and metrics (see dache.web.health, dache.web.metrics)
@@ -259,162 +249,49 @@ class DacheAPI:
             raise APIError(404, "metrics are turned off (METRICS=false)")
         return self.metrics.render(request)
 
-    # -- writes
+    @app.route("/openapi.json", methods=["GET", "HEAD"])
+    def openapi(self, request: IRequest) -> bytes:
+        request.setHeader(b"content-type", JSON)
+        return openapi_document()
 
-    def _commit(self, request: IRequest, change: Change) -> Deferred[bytes]:
-        d = self.committer.submit(change)
-        d.addCallbacks(self._acknowledged, self._write_failed, (request,), None, (request,))
-        return d
+    # -- the answers to a write (dache.web.dispatch calls them)
 
     @staticmethod
-    def _acknowledged(revision: int, request: IRequest) -> bytes:
+    def acknowledged(revision: int, request: IRequest) -> bytes:
         request.setResponseCode(204)
         if revision:
             request.setHeader(b"etag", etag(revision))
         return b""
 
-    def _write_failed(self, failure: Failure, request: IRequest) -> bytes | None:
+    def write_failed(self, failure: Failure, request: IRequest) -> bytes | None:
         if failure.check(CancelledError):
             return None  # the client went away; the write itself carries on
         if failure.check(PreconditionFailed):
             current = failure.value.current_revision
             if current is None:
-                return self._error(request, 412, "precondition failed: the key is absent")
+                return error(request, 412, "precondition failed: the key is absent")
             request.setHeader(b"etag", etag(current))
-            return self._error(
+            return error(
                 request, 412, f'precondition failed: the key\'s current ETag is "{current}"'
             )
         if failure.check(EngineUnavailable):
             request.setHeader(b"retry-after", b"1")
-            return self._error(request, 503, str(failure.value))
-        self.log.failure("unexpected error answering a write", failure)
-        return self._error(request, 500, "internal error; see the server log")
+            return error(request, 503, str(failure.value))
+        return self.unexpected(request, failure)
 
-    # -- errors
-
-    @staticmethod
-    def _error(request: IRequest, status: int, message: str) -> bytes:
-        request.setResponseCode(status)
-        request.setHeader(b"content-type", JSON)
-        return error_body(message)
-
-    @app.handle_errors(APIError)
-    def api_error(self, request: IRequest, failure: Failure) -> bytes:
-        return self._error(request, failure.value.status, failure.value.message)
-
-    @app.handle_errors(NotFound)
-    def not_found(self, request: IRequest, failure: Failure) -> bytes:
-        return self._error(request, 404, "no such route; keys live under /dache/<key>")
-
-    @app.handle_errors(MethodNotAllowed)
-    def method_not_allowed(self, request: IRequest, failure: Failure) -> bytes:
-        allowed = failure.value.valid_methods or []
-        request.setHeader(b"allow", ", ".join(sorted(allowed)).encode("ascii"))
-        method = request.method.decode("ascii", "replace")
-        return self._error(request, 405, f"method {method} is not allowed here")
-
-    @app.handle_errors(Exception)
     def unexpected(self, request: IRequest, failure: Failure) -> bytes:
+        """A bug: logged here, a bare 500 for the client."""
         self.log.failure(
             "unexpected error answering {method} request",
             failure,
             method=request.method.decode("ascii", "replace"),
         )
-        return self._error(request, 500, "internal error; see the server log")
+        return error(request, 500, "internal error; see the server log")
 
 
 # Keys may hold "//" and end in "/": never let werkzeug merge or redirect them.
 DacheAPI.app.url_map.merge_slashes = False
 DacheAPI.app.url_map.strict_slashes = False
 
-
-class DacheResource(Resource):
-    """
-    The root resource. Requests for /dache/<key> with a method in key_methods
-    go straight to the API's handlers; everything else goes through the Klein
-    app.
-
-    Why: Klein binds a werkzeug URL map and matches rules on every request,
-    which costs more than the whole GET of an entry. The key routes are still
-    declared in the Klein app, with the same handlers, so there is one route
-    table; this only skips the matching for the hot ones. Writes take the
-    change from the same handlers and hand it to the committer with their
-    answer (Committer.submit_to), not through a Deferred: a Deferred's
-    creation, firing and callback loop cost more than the memory engine's
-    whole write.
-    """
-
-    isLeaf = True
-
-    def __init__(self, api: DacheAPI):
-        super().__init__()
-        self.api = api
-        self.klein = api.app.resource()
-        self.access = api.access
-        self.key_methods = {
-            b"GET": api.get,
-            b"HEAD": api.get,
-            b"POST": api.set_change,
-            b"PUT": api.set_change,
-            b"DELETE": api.delete_change,
-        }
-
-    def render(self, request: IRequest) -> bytes | int:
-        if self.access is not None:  # the one access check, for every route
-            refusal = self.access.refuse(request)
-            if refusal is not None:
-                return refusal
-        handler = self.key_methods.get(request.method)
-        if handler is None or not request.path.startswith(KEY_PREFIX):
-            return self.klein.render(request)
-        try:
-            result = handler(request, None)
-        except APIError as e:
-            return self.api._error(request, e.status, e.message)
-        except Exception:
-            return self.api.unexpected(request, Failure())
-        if isinstance(result, Change):
-            self.api.committer.submit_to(result, _WriteAnswer(self.api, request))
-            return NOT_DONE_YET
-        return result
-
-
-class _WriteAnswer:
-    """
-    A write's HTTP answer, as the committer's submit_to() calls it: directly,
-    so it must never raise into the committer.
-    """
-
-    __slots__ = ("api", "request")
-
-    def __init__(self, api: DacheAPI, request: IRequest):
-        self.api = api
-        self.request = request
-
-    def callback(self, revision: int) -> None:
-        try:
-            _finish(self.api._acknowledged(revision, self.request), self.request)
-        except Exception:
-            _failed_to_answer(self.api, self.request)
-
-    def errback(self, failure: Failure) -> None:
-        try:
-            _finish(self.api._write_failed(failure, self.request), self.request)
-        except Exception:
-            _failed_to_answer(self.api, self.request)
-
-
-def _failed_to_answer(api: DacheAPI, request: IRequest) -> None:
-    try:
-        _finish(api.unexpected(request, Failure()), request)
-    except Exception:
-        api.log.failure("could not answer a write")
-
-
-def _finish(body: bytes | None, request: IRequest) -> None:
-    if body is None or twisted_private.client_gone(request):
-        return  # the client went away; the write itself carried on
-    if body:
-        request.setHeader(b"content-length", b"%d" % len(body))
-        request.write(body)
-    request.finish()
+# Modules declaring more routes on DacheAPI.app (see the top of this module).
+ROUTE_MODULES: tuple[str, ...] = ()

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
-from typing import Any
 
 from twisted.web.iweb import IRequest
 
@@ -109,8 +107,8 @@ class Access:
             may_read = hmac.compare_digest(digest, self._read) or may_write
         path = request.path
         if path == HEALTH or path.startswith(HEALTH + b"/"):
-            if not may_read:
-                _status_only(request)
+            # Open, but the detail stays behind a token (dache.web.health.respond).
+            request.health_detail = may_read
             return None
         if not may_read:
             challenge = REALM if presented is None else REALM + b', error="invalid_token"'
@@ -142,26 +140,3 @@ def _refusal(request: IRequest, status: int, challenge: bytes, message: str) -> 
     request.setHeader(b"www-authenticate", challenge)
     request.setHeader(b"content-type", b"application/json")
     return render_json({"error": message})
-
-
-def _status_only(request: IRequest) -> None:
-    """
-    Let the health route answer as usual, but send only its "status" field:
-    whatever detail the route adds later stays behind the token by default.
-    """
-    write, finish = request.write, request.finish
-    chunks: list[bytes] = []
-
-    def finish_with_status_only() -> Any:
-        del request.write, request.finish  # back to the class's methods
-        try:
-            status = json.loads(b"".join(chunks)).get("status", "unknown")
-        except (ValueError, AttributeError):
-            status = "unknown"
-        body = render_json({"status": status if isinstance(status, str) else "unknown"})
-        request.setHeader(b"content-length", b"%d" % len(body))
-        write(body)
-        return finish()
-
-    request.write = chunks.append
-    request.finish = finish_with_status_only

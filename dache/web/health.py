@@ -263,6 +263,8 @@ class HealthMonitor:
 def respond(result: tuple[int, dict[str, Any]], request: IRequest) -> bytes:
     """Write a (status, document) answer as application/health+json."""
     status, document = result
+    if not getattr(request, "health_detail", True):  # set by dache.web.auth
+        document = {"status": document.get("status", "unknown")}
     request.setResponseCode(status)
     request.setHeader(b"content-type", HEALTH_JSON)
     request.setHeader(b"cache-control", b"no-store")
