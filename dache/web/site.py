@@ -16,8 +16,10 @@ from twisted.web.http import datetimeToString
 from twisted.web.resource import _IEncodingResource
 from twisted.web.server import Request, Site, version
 
-from dache.web.api import KEY_PREFIX, error_body
+from dache.web.answer import error_body
+from dache.web.api import KEY_PREFIX
 from dache.web.channel import DacheChannel
+from dache.web.stream import Stream
 
 if TYPE_CHECKING:
     from dache.web.metrics import Metrics
@@ -143,6 +145,24 @@ class DacheRequest(Request):
         self.channel.persistent = False
         self.write(body)
         self.finish()
+
+    def begin_stream(
+        self, content_type: bytes = b"text/event-stream", buffer_bytes: int = 65536
+    ) -> Stream:
+        """
+        Start a streaming answer (200 unless a status was set): the headers go
+        now, then each stream.write() as a chunk, until stream.close(). The
+        stream is exempt from IDLE_TIMEOUT, REQUEST_TIMEOUT and SEND_TIMEOUT;
+        it is closed instead once more than `buffer_bytes` wait for a client
+        that does not read (see dache.web.stream). A HEAD gets the headers only.
+        """
+        self.setHeader(b"content-type", content_type)
+        self.setHeader(b"cache-control", b"no-store")
+        stream = Stream(self, buffer_bytes)
+        self.write(b"")  # the status line and headers, now
+        if self.method == b"HEAD":
+            stream.close()
+        return stream
 
     def write(self, data: bytes) -> None:
         super().write(data)
