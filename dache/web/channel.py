@@ -30,26 +30,30 @@ rather than remade, and checks on firing whether it still applies.
 
 from __future__ import annotations
 
+from time import perf_counter
 from typing import Any
 
 from twisted.logger import Logger
 from twisted.web.http import HTTPChannel
 
-from dache.rendering import render_json
 from dache.web import twisted_private
+from dache.web.answer import error, finish
+
+# Lingering close (as nginx's lingering_close): after refusing a body from its
+# Content-Length, read and drop what the client still sends for at most this
+# long and this much, so it can finish sending and read its 413.
+LINGER_SECONDS = 5.0
+LINGER_BYTES = 128 * 1024 * 1024
+# RFC 9110's reason phrases, where Twisted's table has older ones.
+REASONS = {
+    408: b"Request Timeout",
+    413: b"Content Too Large",
+    414: b"URI Too Long",
+    431: b"Request Header Fields Too Large",
+}
 
 
-def _request_timeout_response(seconds: float) -> bytes:
-    body = render_json({"error": f"the request was not received within {seconds:g}s"})
-    return (
-        b"HTTP/1.1 408 Request Timeout\r\n"
-        b"Content-Type: application/json\r\n"
-        b"Connection: close\r\n"
-        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
-    )
-
-
-class DacheChannel(HTTPChannel):
+class DacheChannel(twisted_private.ProtocolRefusals, HTTPChannel):
     """
     An HTTP/1.1 channel that drops clients too slow to send a request, and
     sends each answer straight to the socket when it can.
@@ -60,7 +64,6 @@ class DacheChannel(HTTPChannel):
     # timer, when it fires, checks it and re-arms or lapses.
     _deadline: Any = None  # IDelayedCall, or None
     _request_began: float | None = None  # first byte of the request being received
-    _timed_out = False
     _host: Any = None
     _peer: Any = None
     _idle: Any = None  # IDelayedCall of the idle timeout, or None
@@ -68,6 +71,9 @@ class DacheChannel(HTTPChannel):
     _answered: Any = None  # a request answered while the client was not reading
     _send_deadline: Any = None  # IDelayedCall: SEND_TIMEOUT while over the output bound
     refused = False  # over MAX_CONNECTIONS: every request gets 503, then close
+    _refusal: Any = None  # the Request answering a refusal of the protocol layer
+    _lingering: Any = None  # IDelayedCall ending a lingering close
+    _lingered = 0  # bytes read and dropped while lingering
     log = Logger()
 
     # -- answers sent at once
@@ -102,6 +108,50 @@ class DacheChannel(HTTPChannel):
         if data:
             self.transport.write(data)
 
+    # -- refusals of the protocol layer, answered through a Request
+
+    def refuse(self, status: int, message: str, linger: bool = False) -> None:
+        """
+        Answer `status {"error": message}` to a request the protocol layer
+        refuses (malformed, too long, too slow, too large), through a Request
+        of its own so the access log and the metrics count it, then close.
+        With `linger`, keep reading (and dropping) what the client sends for
+        a while first: a client still sending a body gets its answer.
+        """
+        if self._refusal is not None or self.transport is None or self.transport.disconnecting:
+            return
+        self.persistent = False
+        request = self._refusal = self.requestFactory(self)
+        request.method = b"-"  # the request line may not have been read
+        request.uri = request.path = b"-"
+        request.clientproto = b"HTTP/1.1"
+        request.received_at = perf_counter()
+        body = error(request, status, message)
+        request.setResponseCode(status, REASONS.get(status))
+        request.setHeader(b"connection", b"close")
+        if linger:
+            self._lingering = self.callLater(LINGER_SECONDS, self._end_lingering)
+        finish(request, body)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        # LineReceiver's limit (MAX_LENGTH) on one line: the request line if
+        # no request has begun, else a header line.
+        if not self.requests:
+            self.refuse(414, f"the request line is over {self.MAX_LENGTH} bytes")
+        else:
+            self.refuse(431, f"a header line is over {self.MAX_LENGTH} bytes")
+
+    def _linger(self, data: bytes) -> None:
+        self._lingered += len(data)
+        if self._lingered > LINGER_BYTES:
+            self._end_lingering()
+
+    def _end_lingering(self) -> None:
+        if self._lingering is not None and self._lingering.active():
+            self._lingering.cancel()
+        self._lingering = None
+        self.transport.loseConnection()
+
     # -- bounded per connection
 
     def connectionMade(self) -> None:
@@ -116,6 +166,13 @@ class DacheChannel(HTTPChannel):
         twisted_private.set_pipeline_bound(self, site.pipeline_buffer_bytes)
 
     def requestDone(self, request: Any) -> None:
+        if request is self._refusal:
+            half_close = getattr(self.transport, "loseWriteConnection", None)
+            if self._lingering is not None and half_close is not None:
+                half_close()  # the answer is out: say so with a FIN, read until done
+            else:
+                self._end_lingering()
+            return
         # Twisted's HTTPChannel goes on to the next pipelined request even when
         # its transport has asked it to pause, so a client that sends requests
         # and never reads the answers has every answer buffered in memory.
@@ -151,8 +208,10 @@ class DacheChannel(HTTPChannel):
         self.transport.abortConnection()  # a client that does not read cannot take a close
 
     def dataReceived(self, data: bytes) -> None:
-        if self._timed_out:
-            return  # answered 408 and closing: ignore whatever still arrives
+        if self._refusal is not None:
+            if self._lingering is not None:
+                self._linger(data)
+            return  # answered and closing: nothing more is parsed
         if self._request_began is None and not self._handlingRequest and data:
             timeout = self.site.request_timeout
             if timeout is not None:
@@ -206,6 +265,8 @@ class DacheChannel(HTTPChannel):
         self._cancel_deadline()
         self._cancel_send_deadline()
         self._answered = None
+        if self._lingering is not None and self._lingering.active():
+            self._lingering.cancel()
         super().connectionLost(reason)
         if self._idle is not None:
             if self._idle.active():
@@ -230,8 +291,10 @@ class DacheChannel(HTTPChannel):
         self._request_too_slow()
 
     def _request_too_slow(self) -> None:
-        self._timed_out = True
-        self.transport.write(_request_timeout_response(self.site.request_timeout))
+        seconds = self.site.request_timeout
+        self.refuse(408, f"the request was not received within {seconds:g}s")
+        # And abort if the client will not take the close (logged as the idle
+        # timeout is).
         # Close as the idle timeout does (and log it the same way): politely,
         # then abort if the client will not take the close.
         self.timeoutConnection()

@@ -8,15 +8,13 @@ from __future__ import annotations
 from io import BytesIO
 from time import perf_counter, time
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote_to_bytes
 
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import datetimeToString
-from twisted.web.resource import _IEncodingResource
 from twisted.web.server import Request, Site, version
 
-from dache.web.answer import error_body
+from dache.web.answer import error, finish
 from dache.web.api import KEY_PREFIX
 from dache.web.channel import DacheChannel
 from dache.web.stream import Stream
@@ -25,14 +23,7 @@ if TYPE_CHECKING:
     from dache.web.metrics import Metrics
 
 
-def _too_large_response(limit: int) -> bytes:
-    body = error_body(f"body is over the {limit}-byte limit")
-    return (
-        b"HTTP/1.1 413 Content Too Large\r\n"
-        b"Content-Type: application/json\r\n"
-        b"Connection: close\r\n"
-        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
-    )
+_log = Logger()
 
 
 class _Discard:
@@ -99,9 +90,9 @@ class DacheRequest(Request):
     def _refuse(self, limit: int) -> None:
         self._refused = True
         self.content = _Discard()
-        transport = self.channel.transport
-        transport.write(_too_large_response(limit))
-        transport.loseConnection()
+        # Read and drop what the client still sends, so it gets to read the
+        # 413 rather than a reset (dache.web.channel: lingering close).
+        self.channel.refuse(413, f"body is over the {limit}-byte limit", linger=True)
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         if self._refused:
@@ -110,41 +101,58 @@ class DacheRequest(Request):
         super().requestReceived(command, path, version)
 
     def process(self) -> None:
-        # twisted.web.server.Request.process, with the Date header formatted
-        # once a second (formatting it costs ~3% of a GET).
+        # Not twisted.web.server.Request.process: dache has one leaf resource
+        # (dache.web.dispatch), so there is no traversal, and the Date header
+        # is formatted once a second (formatting it costs ~3% of a GET).
         self.site = self.channel.site
         self.setHeader(b"Server", version)
         self.setHeader(b"Date", _HTTPDate.now())
-        self.prepath = []
-        self.postpath = [unquote_to_bytes(p) for p in self.path[1:].split(b"/")]
-        if self.path == b"*":
-            self._handleStar()
-            return
-        if self.channel.refused:
-            self._refuse_over_connection_limit()
-            return
         try:
-            resource = self.site.getResourceFor(self)
-            if _IEncodingResource.providedBy(resource):
-                encoder = resource.getEncoder(self)
-                if encoder is not None:
-                    self._encoder = encoder
-            self.render(resource)
+            refusal = self._refusal()
+            if refusal is not None:
+                status, message = refusal
+                finish(self, error(self, status, message))
+                return
+            self.render(self.site.resource)
         except BaseException:
             self.processingFailed(Failure())
 
-    def _refuse_over_connection_limit(self) -> None:
-        body = error_body(
-            f"the server is at its limit of {self.site.max_connections} connections; retry later"
-        )
-        self.setResponseCode(503)
-        self.setHeader(b"content-type", b"application/json")
-        self.setHeader(b"retry-after", b"1")
-        self.setHeader(b"connection", b"close")
-        self.setHeader(b"content-length", b"%d" % len(body))
-        self.channel.persistent = False
-        self.write(body)
-        self.finish()
+    def _refusal(self) -> tuple[int, str] | None:
+        """What is wrong with the request itself (RFC 9112), before any route."""
+        if self.channel.refused:
+            self.channel.persistent = False
+            self.setHeader(b"retry-after", b"1")
+            return 503, (
+                f"the server is at its limit of {self.site.max_connections} connections; "
+                "retry later"
+            )
+        hosts = self.requestHeaders.getRawHeaders(b"host")
+        if hosts is None:
+            if self.clientproto == b"HTTP/1.1":
+                return 400, "an HTTP/1.1 request needs a Host header"
+        elif len(hosts) > 1 or b"," in hosts[0]:
+            return 400, "a request has one Host header"
+        path = self.path
+        if path[:1] == b"/":
+            return None  # origin-form, as nearly every request is
+        if path == b"*":
+            if self.method != b"OPTIONS":
+                return 400, "the target * is for OPTIONS only"
+            return 501, "OPTIONS is not implemented"
+        scheme, separator, rest = path.partition(b"://")
+        if separator and scheme.lower() in (b"http", b"https"):
+            # absolute-form: a server must accept it (RFC 9112 3.2.2)
+            self.path = b"/" + rest.partition(b"/")[2]
+            return None
+        return 400, "the request target must be a /path or an absolute http URI"
+
+    def processingFailed(self, reason: Failure) -> None:
+        # twisted.web's version answers HTML; dache's answers are JSON.
+        _log.failure("unexpected error serving a request", reason)
+        if self.startedWriting:
+            self.channel.transport.abortConnection()
+            return
+        finish(self, error(self, 500, "internal error; see the server log"))
 
     def begin_stream(
         self, content_type: bytes = b"text/event-stream", buffer_bytes: int = 65536
@@ -224,9 +232,12 @@ class DacheSite(Site):
         # Per-request logging costs about a third of throughput: off by default.
         if not self.log_requests:
             return
-        path = request.uri
+        # The path as routed, never the query string (it may carry a token).
+        path = request.path
         if self.redact_keys and path.startswith(KEY_PREFIX):
             path = KEY_PREFIX + b"<redacted>"
+        if b"?" in request.uri:
+            path += b"?<redacted>"
         self.access_log.info(
             '{client} "{method} {path}" {code} {length}',
             client=request.getClientAddress().host

@@ -22,6 +22,13 @@ What each shortcut relies on:
 - client_gone(request): twisted.web.http.Request sets `_disconnected` when
   its connection is lost (the public notifyFinish() costs a Deferred per
   request on the hot path).
+- ProtocolRefusals: HTTPChannel answers the requests its parser refuses
+  (a malformed request line, header or Content-Length, bad chunked framing,
+  too many or too large headers) from `_respondToBadRequestAndDisconnect()`
+  with a bare 400 written to the transport; the mixin overrides it to answer
+  through channel.refuse() instead, telling the header limits
+  (`_receivedHeaderSize` > totalHeadersSize, `_receivedHeaderCount` >
+  maxHeaders) apart as 431.
 - forget_exit_signal(reactor): twistd re-raises the signal that stopped the
   reactor, kept in `reactor._exitSignal`, once the reactor has stopped.
 """
@@ -68,6 +75,19 @@ def set_pipeline_bound(channel: Any, size: int) -> None:
 
 def client_gone(request: Any) -> bool:
     return request._disconnected
+
+
+class ProtocolRefusals:
+    """Mixin for an HTTPChannel with a refuse(status, message) method."""
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        if (
+            self._receivedHeaderSize > self.totalHeadersSize
+            or self._receivedHeaderCount > self.maxHeaders
+        ):
+            self.refuse(431, "the request's header fields are over the limit")
+        else:
+            self.refuse(400, "malformed request: the request line, a header or the framing")
 
 
 def forget_exit_signal(reactor: Any) -> None:
