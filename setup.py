@@ -24,6 +24,7 @@ setup(
             "treq>=24.9",
             "ruff>=0.6",
             "cryptography>=42",  # throwaway certificates for the TLS tests
+            "schemathesis>=4.32,<5",  # tests/test_schemathesis.py fuzzes the OpenAPI contract
         ],
         "bench": [
             "matplotlib>=3.8",

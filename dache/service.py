@@ -20,6 +20,7 @@ from typing import Any
 from twisted.application import service
 from twisted.internet import endpoints
 from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
+from twisted.internet.error import CannotListenError
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -170,7 +171,13 @@ class DacheService(service.Service):
             pipeline_buffer_bytes=config.pipeline_buffer_bytes,
             send_timeout=config.send_timeout,
         )
-        self.port = yield self._endpoint().listen(self.site)
+        try:
+            self.port = yield self._endpoint().listen(self.site)
+        except CannotListenError as e:  # a port in use, or not ours to take
+            raise StartupError(str(e)) from None
+        except OSError as e:  # e.g. a unix socket in a folder that does not exist
+            where = endpoint_description(self.config)
+            raise StartupError(f"Couldn't listen on {where}: {e.strerror or e}") from None
         self.started_at = reactor.seconds()
         self.log.info("listening on {address}", address=_describe(self.port))
         if is_worker():

@@ -26,6 +26,7 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import re
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote_to_bytes
 
@@ -76,24 +77,28 @@ def etag(revision: int) -> bytes:
     return b'"%d"' % revision
 
 
+# RFC 9110 8.8.3: entity-tag = [ "W/" ] DQUOTE *etagc DQUOTE, in a comma list.
+_ETAG = rb'\s*(W/)?"([\x21\x23-\x7e\x80-\xff]*)"\s*'
+_ETAG_LIST = re.compile(rb"(?:%s)(?:,(?:%s))*" % (_ETAG, _ETAG))
+_ETAG_ONE = re.compile(_ETAG)
+
+
 def parse_etags(header: bytes | None, name: str) -> str | tuple[int, ...] | None:
     """An If-Match / If-None-Match value: None, ANY, or the revisions it lists."""
     if header is None:
         return None
-    header = header.strip()
-    if header == b"*":
+    if header.strip() == b"*":
         return ANY
+    if _ETAG_LIST.fullmatch(header) is None:
+        raise APIError(400, f'{name} must be * or a list of ETags like "12"')
     revisions = []
-    for tag in header.split(b","):
-        tag = tag.strip()
-        if tag.startswith(b"W/"):
+    for match in _ETAG_ONE.finditer(header):
+        if match.group(1):
             continue  # a weak tag never matches a strong comparison
-        if len(tag) < 3 or not (tag.startswith(b'"') and tag.endswith(b'"')):
-            raise APIError(400, f'{name} must be * or a list of ETags like "12"')
         # A strong comparison is byte for byte: '"012"' is not our '"12"'.
-        inner = tag[1:-1]
+        inner = match.group(2)
         revision = int(inner) if inner.isdigit() and len(inner) < 20 else -1
-        revisions.append(revision if etag(revision) == tag else -1)
+        revisions.append(revision if etag(revision) == b'"%b"' % inner else -1)
     return tuple(revisions)
 
 

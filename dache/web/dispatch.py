@@ -37,11 +37,6 @@ from dache.web.answer import APIError, error, finish
 from dache.web.api import DacheAPI, parse_key
 
 KEY_VARIABLE = "<path:key>"
-# RFC 9110's methods (and PATCH): a path that does not take one answers 405;
-# any other method, lowercase spellings included, is 501.
-STANDARD_METHODS = frozenset(
-    (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"CONNECT", b"OPTIONS", b"TRACE", b"PATCH")
-)
 # Content codings dache understands in a request body: none.
 IDENTITY = (None, [b"identity"])
 
@@ -76,9 +71,6 @@ class DacheResource(Resource):
         self.app = app
         self.key_routes = key_routes(app)
         self.adapter = app.url_map.bind("dache", "/")
-        self.known_methods = STANDARD_METHODS | {
-            method.encode("ascii") for rule in app.url_map.iter_rules() for method in rule.methods
-        }
 
     def render(self, request: IRequest) -> bytes | int:
         try:
@@ -104,10 +96,7 @@ class DacheResource(Resource):
         return NOT_DONE_YET
 
     def _route(self, request: IRequest) -> Any:
-        method = request.method
-        if method not in self.known_methods:
-            # RFC 9110 9.1: methods are case-sensitive; "get" is not GET.
-            raise APIError(501, f"method {method.decode('latin-1')!r} is not implemented")
+        method = request.method  # case-sensitive (RFC 9110 9.1): "get" is not GET: 405
         if self.access is not None:  # the one access check, for every route
             refusal = self.access.refuse(request)
             if refusal is not None:
@@ -123,8 +112,11 @@ class DacheResource(Resource):
                     raise _not_allowed(method, methods)
                 key = parse_key(path[len(prefix) :], self.api.max_key_bytes)
                 return handler(self.api, request, key)
+        name = method.decode("latin-1")
+        if name != name.upper():
+            name = "-"  # werkzeug upper-cases methods; dache does not: never a route's
         try:
-            endpoint, arguments = self.adapter.match(path.decode("latin-1"), method.decode("ascii"))
+            endpoint, arguments = self.adapter.match(path.decode("latin-1"), name)
         except NotFound:
             raise APIError(404, "no such route; keys live under /dache/<key>")
         except MethodNotAllowed as e:
