@@ -53,6 +53,12 @@ REASONS = {
 }
 
 
+def _cancel(call: Any) -> None:
+    """Cancel a timer if it is still pending; None, to store in its place."""
+    if call is not None and call.active():
+        call.cancel()
+
+
 class DacheChannel(twisted_private.ProtocolRefusals, HTTPChannel):
     """
     An HTTP/1.1 channel that drops clients too slow to send a request, and
@@ -147,9 +153,7 @@ class DacheChannel(twisted_private.ProtocolRefusals, HTTPChannel):
             self._end_lingering()
 
     def _end_lingering(self) -> None:
-        if self._lingering is not None and self._lingering.active():
-            self._lingering.cancel()
-        self._lingering = None
+        self._lingering = _cancel(self._lingering)
         self.transport.loseConnection()
 
     # -- bounded per connection
@@ -194,10 +198,7 @@ class DacheChannel(twisted_private.ProtocolRefusals, HTTPChannel):
             super().requestDone(request)  # reads and parses what was held back
 
     def _cancel_send_deadline(self) -> None:
-        if self._send_deadline is not None:
-            if self._send_deadline.active():
-                self._send_deadline.cancel()
-            self._send_deadline = None
+        self._send_deadline = _cancel(self._send_deadline)
 
     def _send_too_slow(self) -> None:
         self._send_deadline = None
@@ -265,19 +266,12 @@ class DacheChannel(twisted_private.ProtocolRefusals, HTTPChannel):
         self._cancel_deadline()
         self._cancel_send_deadline()
         self._answered = None
-        if self._lingering is not None and self._lingering.active():
-            self._lingering.cancel()
+        self._lingering = _cancel(self._lingering)
         super().connectionLost(reason)
-        if self._idle is not None:
-            if self._idle.active():
-                self._idle.cancel()
-            self._idle = None
+        self._idle = _cancel(self._idle)
 
     def _cancel_deadline(self) -> None:
-        if self._deadline is not None:
-            if self._deadline.active():
-                self._deadline.cancel()
-            self._deadline = None
+        self._deadline = _cancel(self._deadline)
 
     def _check_deadline(self) -> None:
         self._deadline = None
