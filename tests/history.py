@@ -73,6 +73,7 @@ class Op:
     if_match: int | None = None  # the revision an If-Match write named
     status: int | None = None  # HTTP status, None when there was no answer
     note: str = ""  # why the outcome is what it is (an exception, a body)
+    answered: float | None = None  # when the answer (or the error) came, whatever the outcome
 
     @property
     def is_write(self) -> bool:
@@ -103,7 +104,8 @@ class History:
         for name, value in fields.items():
             setattr(op, name, value)
         op.outcome = outcome
-        op.complete = _now() if outcome != UNKNOWN else INFINITY
+        op.answered = _now()
+        op.complete = op.answered if outcome != UNKNOWN else INFINITY
         return op
 
 
