@@ -14,11 +14,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
 
 from tests.faults import nemesis
 from tests.faults.cluster import Cluster
-from tests.faults.runner import run, table
+from tests.faults.runner import Result, run, table
+from tests.history import Report
 from tests.postgres import PostgresServer
 
 ROUND_SECONDS = 120.0
@@ -26,13 +28,15 @@ ROUND_SECONDS = 120.0
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--minutes", type=float, default=float(os.environ.get("MINUTES", 10)))
-    parser.add_argument("--seed", type=int, default=int(os.environ.get("SEED", time.time())))
-    parser.add_argument("--out", default=os.environ.get("OUT", "torture-out"))
+    parser.add_argument("--minutes", type=float, default=10.0)
+    parser.add_argument("--seed", type=int, default=int(time.time()))
+    parser.add_argument(
+        "--out", default=os.path.join(tempfile.gettempdir(), "dache-torture"), help="anomaly files"
+    )
     options = parser.parse_args(argv)
     deadline = time.monotonic() + options.minutes * 60
     server = PostgresServer.initdb()
-    totals = {"rounds": 0, "ops": 0, "faults": 0, "anomalies": 0}
+    results = []
     print(f"torture: {options.minutes} min, seed {options.seed}, output in {options.out}")
     try:
         round_number = 0
@@ -54,15 +58,37 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 cluster.stop()
             print(f"\n## round {round_number} ({kind}, seed {seed})\n\n{table(result)}", flush=True)
-            totals["rounds"] += 1
-            totals["ops"] += sum(result.report.counts.values())
-            totals["faults"] += len(result.faults)
-            totals["anomalies"] += len(result.report.anomalies)
+            results.append(result)
     finally:
         server.destroy()
-    print("\n## total\n")
-    print(" | ".join(f"{k}: {v}" for k, v in totals.items()))
-    return 1 if totals["anomalies"] else 0
+    print(f"\n## total: {len(results)} rounds, seed {options.seed}\n\n{table(combined(results))}")
+    return 1 if any(r.report.anomalies for r in results) else 0
+
+
+def combined(results: list[Result]) -> Result:
+    """One Result summing the rounds' (a node's windows from every round it was in)."""
+    counts: dict[str, int] = {}
+    windows = {}
+    for result in results:
+        for name, n in result.report.counts.items():
+            counts[name] = counts.get(name, 0) + n
+        for node, spans in result.windows.items():
+            windows.setdefault(node, []).extend(spans)
+    report = Report(
+        [a for r in results for a in r.report.anomalies],
+        counts,
+        [lag for r in results for lag in r.report.lag],
+        sum(r.report.keys for r in results),
+    )
+    return Result(
+        report,
+        [f for r in results for f in r.faults],
+        [e for r in results for e in r.nemesis_errors],
+        windows,
+        sum(r.seconds for r in results),
+        ", ".join(r.anomalies_file for r in results if r.anomalies_file) or None,
+        sum(r.precondition_failed for r in results),
+    )
 
 
 if __name__ == "__main__":
