@@ -1,0 +1,86 @@
+"""
+A silent partition between one node and PostgreSQL (tests/faultproxy.py:
+nothing forwarded, nothing refused or reset): writes answer 503 within
+WRITE_TIMEOUT instead of hanging, reads keep being served, /health turns
+warn within HEALTH_TIMEOUT, the other node is unaffected, and once the
+partition heals the node writes again by itself within 5 s. The writes left
+in doubt are resolved (present or absent, never half) and the history
+checker agrees.
+"""
+
+import json
+import time
+
+from tests.faults.cluster import NODE_SETTINGS, Cluster, converge
+from tests.faults.workload import Workload
+from tests.history import OK, UNKNOWN, assert_clean, check
+
+WRITE_TIMEOUT = float(NODE_SETTINGS["WRITE_TIMEOUT"])
+HEALTH_TIMEOUT = float(NODE_SETTINGS["HEALTH_TIMEOUT"])
+MARGIN = 2.0  # a shared 2-core machine
+
+
+def health(node):
+    status, _, body = node.process.request("GET", "/health", timeout=10)
+    return status, json.loads(body)["status"]
+
+
+def poll(condition, timeout, step=0.05):
+    """Seconds until condition() held; AssertionError after timeout."""
+    began = time.monotonic()
+    while not condition():
+        assert time.monotonic() - began < timeout, "condition not met in time"
+        time.sleep(step)
+    return time.monotonic() - began
+
+
+def test_a_silent_partition_from_postgres_fails_writes_fast_and_heals_by_itself(
+    own_postgres, own_pg, tmp_path
+):
+    cluster = Cluster.postgres(own_postgres, own_pg, count=2)
+    try:
+        cluster.start()
+        cut_off, other = cluster.nodes
+        load = Workload(cluster, seed=15)
+        history = load.history
+        key, other_key = "n1/h0", "n2/h0"
+        load.set(0, cut_off, key)
+        assert history.ops[-1].outcome == OK
+        assert health(cut_off) == (200, "pass")
+
+        cut_off.proxy.blackhole()
+        partitioned = time.monotonic()
+        for _ in range(3):
+            load.set(0, cut_off, key)
+            write = history.ops[-1]
+            assert write.status == 503 and write.outcome == UNKNOWN, write
+            assert write.answered - write.invoke < WRITE_TIMEOUT + MARGIN, write
+            load.read(1, cut_off, key)  # reads are served from memory meanwhile
+            assert history.ops[-1].status == 200
+            assert history.ops[-1].answered - history.ops[-1].invoke < 1.0
+            load.set(2, other, other_key)  # the other node is not cut off
+            assert history.ops[-1].outcome == OK
+        warned = poll(lambda: health(cut_off) == (200, "warn"), HEALTH_TIMEOUT + 1 + MARGIN)
+        assert time.monotonic() - partitioned < 3 * (WRITE_TIMEOUT + MARGIN) + warned
+
+        cut_off.proxy.heal()
+        healed = time.monotonic()
+
+        def writes_again():
+            load.set(0, cut_off, key)
+            return history.ops[-1].outcome == OK
+
+        recovered = poll(writes_again, 5.0, step=0.1)
+        answers = [round(o.answered - o.invoke, 2) for o in history.ops if o.status == 503]
+        print(f"503 after {answers} s; warn after {warned:.2f} s; writes {recovered:.2f} s after")
+        assert recovered < 5.0
+        poll(lambda: health(cut_off) == (200, "pass"), 5.0 - (time.monotonic() - healed) + 2)
+
+        final = converge(cluster, [key, other_key])
+        report = check(history.ops, final, {key: "n1", other_key: "n2"})
+        assert_clean(report, history.ops, str(tmp_path))
+        in_doubt = [op for op in history.ops if op.outcome == UNKNOWN]
+        assert len(in_doubt) == 3
+        assert final[key][1] == history.ops[-1].value  # the last acknowledged write won
+    finally:
+        cluster.stop()
