@@ -310,7 +310,7 @@ def _versions(ops: list[Op], writes: dict[str, Op]) -> list[Op]:
                 versioned.append(_with_version(op, op.revision))
         elif op.outcome == OK and op.value is not ABSENT:
             versioned.append(op)
-    deletes = sorted(op.revision for op in versioned if op.kind == DELETE)
+    deletes = [op for op in versioned if op.kind == DELETE]
     in_doubt = [op for op in ops if op.kind == DELETE and op.revision is None]
     for op in ops:
         if op.kind == READ and op.outcome == OK and op.value is ABSENT:
@@ -324,22 +324,23 @@ def _with_version(op: Op, revision: int) -> Op:
     return copy
 
 
-def _absent_read(read: Op, versioned: list[Op], deletes: list[int], in_doubt: list[Op]) -> Op:
+def _absent_read(read: Op, versioned: list[Op], deletes: list[Op], in_doubt: list[Op]) -> Op:
     """
-    A 404 has no revision: give it the lowest one it can have, a delete's at
-    or above everything that completed before it (0 when nothing did). With
-    none, an in-doubt delete invoked before it may explain it; otherwise it
-    gets 0, which the linearizability sweep reports as going back.
+    A 404 has no revision: give it the lowest one it can have, that of a
+    delete invoked before the read completed, at or above every write that
+    completed before the read was invoked (0, the initial absence, when none
+    did). With none, an in-doubt delete invoked before it may explain it;
+    otherwise it gets 0, which the linearizability sweep reports.
     """
     floor = max(
         (op.revision for op in versioned if op.complete < read.invoke and op.kind != READ),
         default=0,
     )
-    fitting = deletes[bisect.bisect_left(deletes, floor) :]
+    fitting = [op.revision for op in deletes if op.invoke < read.complete and op.revision >= floor]
     if floor == 0:
         version = 0
     elif fitting:
-        version = fitting[0]
+        version = min(fitting)
     elif any(op.invoke < read.complete for op in in_doubt):
         version = floor
     else:

@@ -21,7 +21,7 @@ from tests.faultproxy import FaultProxy
 from tests.postgres import Database, PostgresServer, free_port
 from tests.process import DacheProcess
 
-ROLE = "dache_faults"
+ROLE = "dache_faults"  # a prefix: each cluster gets a role of its own
 # Short timeouts so faults show within a run: writes give up after WRITE_TIMEOUT.
 NODE_SETTINGS = {
     "WRITE_TIMEOUT": "2",
@@ -89,8 +89,8 @@ class Cluster:
     def postgres(cls, server: PostgresServer, database: Database, count: int = 3) -> Cluster:
         """`count` postgres-engine nodes on `database`, each through a proxy, over TCP."""
         password = secrets.token_hex(12)  # a throwaway role's; never printed
-        server.admin_sql(f"DROP ROLE IF EXISTS {ROLE}")
-        server.admin_sql(f"CREATE ROLE {ROLE} LOGIN SUPERUSER PASSWORD '{password}'")
+        role = f"{ROLE}_{secrets.token_hex(4)}"
+        server.admin_sql(f"CREATE ROLE {role} LOGIN SUPERUSER PASSWORD '{password}'")
         nodes = []
         for i in range(count):
             proxy = FaultProxy("127.0.0.1", server.port)
@@ -99,7 +99,7 @@ class Cluster:
                 "POSTGRES_HOST": "127.0.0.1",
                 "POSTGRES_PORT": str(proxy.port),
                 "POSTGRES_DATABASE": database.name,
-                "POSTGRES_USER": ROLE,
+                "POSTGRES_USER": role,
                 "POSTGRES_PASSWORD": password,
                 "POSTGRES_SSLMODE": "disable",
                 "POSTGRES_PURGE_INTERVAL": "1",
