@@ -12,18 +12,28 @@ and injects network faults into that node's connections only:
                  on (a slow or distant PostgreSQL)
     cut()        every open connection is reset (RST, as a middlebox that
                  dropped its state); new ones are accepted
+    drop()       packets between the node and the proxy are dropped by the
+                 kernel (an iptables DROP rule on the proxy's port, both
+                 directions): nothing is acknowledged, so TCP retransmits,
+                 keepalives go unanswered and tcp_user_timeout gives up on a
+                 long one, as across a real partition; new connections' SYNs
+                 vanish too
 
-One limit of doing this above the kernel: on loopback the node's kernel still
-acknowledges its bytes to the proxy, so TCP keepalives and tcp_user_timeout do
-not fire during a blackhole; what dache does meanwhile (answer writes 503
-after WRITE_TIMEOUT, keep serving reads, turn /health to warn) is the same.
+A blackhole is done above the kernel: the node's kernel still acknowledges
+its bytes to the proxy, so TCP keepalives and tcp_user_timeout do not fire
+during one; what dache does meanwhile (answer writes 503 after WRITE_TIMEOUT,
+keep serving reads, turn /health to warn) is the same. drop() is the real
+thing, and needs root and iptables (installed from Debian when missing).
 """
 
 from __future__ import annotations
 
+import os
 import selectors
+import shutil
 import socket
 import struct
+import subprocess
 import threading
 import time
 from collections import deque
@@ -50,6 +60,7 @@ class FaultProxy:
         self._selector = selectors.DefaultSelector()
         self._selector.register(self.listener, selectors.EVENT_READ)
         self._stopping = False
+        self._dropping = False
         self._thread = threading.Thread(target=self._run, name="fault-proxy", daemon=True)
         self._thread.start()
 
@@ -58,6 +69,24 @@ class FaultProxy:
     def heal(self) -> None:
         with self._lock:
             self.mode, self.latency = PASS, 0.0
+        self._undrop()
+
+    def drop(self) -> None:
+        if not self._dropping:
+            for rule in self._drop_rules():
+                _iptables("-I", *rule)
+            self._dropping = True
+
+    def _undrop(self) -> None:
+        if self._dropping:
+            for rule in self._drop_rules():
+                _iptables("-D", *rule)
+            self._dropping = False
+
+    def _drop_rules(self) -> list[list[str]]:
+        match = ["INPUT", "-i", "lo", "-p", "tcp"]
+        port = str(self.port)
+        return [[*match, "--dport", port, "-j", "DROP"], [*match, "--sport", port, "-j", "DROP"]]
 
     def blackhole(self) -> None:
         with self._lock:
@@ -77,6 +106,7 @@ class FaultProxy:
             return len(self._pairs) // 2
 
     def close(self) -> None:
+        self._undrop()
         self._stopping = True
         self._thread.join(5)
         with self._lock:
@@ -169,3 +199,12 @@ class FaultProxy:
             if reset:  # linger 0: close() sends RST
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             s.close()
+
+
+def _iptables(*args: str) -> None:
+    if shutil.which("iptables") is None:
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, timeout=600)
+        install = ["apt-get", "install", "-y", "-q", "iptables"]
+        subprocess.run(install, env=env, capture_output=True, check=True, timeout=600)
+    subprocess.run(["iptables", *args], capture_output=True, check=True, timeout=30)

@@ -1,15 +1,21 @@
 """
-A silent partition between one node and PostgreSQL (tests/faultproxy.py:
-nothing forwarded, nothing refused or reset): writes answer 503 within
+A silent partition between one node and PostgreSQL: writes answer 503 within
 WRITE_TIMEOUT instead of hanging, reads keep being served, /health turns
 warn within HEALTH_TIMEOUT, the other node is unaffected, and once the
 partition heals the node writes again by itself within 5 s. The writes left
 in doubt are resolved (present or absent, never half) and the history
 checker agrees.
+
+Two kinds (tests/faultproxy.py): a short blackhole in the proxy (nothing
+forwarded, nothing reset), and packets dropped by the kernel for longer than
+TCP keepalives and tcp_user_timeout take to give the connections up, so the
+node must reconnect once the network is back.
 """
 
 import json
 import time
+
+import pytest
 
 from tests.faults.cluster import NODE_SETTINGS, Cluster, converge
 from tests.faults.workload import Workload
@@ -18,6 +24,7 @@ from tests.history import OK, UNKNOWN, assert_clean, check
 WRITE_TIMEOUT = float(NODE_SETTINGS["WRITE_TIMEOUT"])
 HEALTH_TIMEOUT = float(NODE_SETTINGS["HEALTH_TIMEOUT"])
 MARGIN = 2.0  # a shared 2-core machine
+RECOVERY = 5.0  # seconds from healing to the first acknowledged write
 
 
 def health(node):
@@ -34,8 +41,9 @@ def poll(condition, timeout, step=0.05):
     return time.monotonic() - began
 
 
+@pytest.mark.parametrize("fault, hold", [("blackhole", 4.0), ("drop", 24.0)])
 def test_a_silent_partition_from_postgres_fails_writes_fast_and_heals_by_itself(
-    own_postgres, own_pg, tmp_path
+    own_postgres, own_pg, tmp_path, fault, hold
 ):
     cluster = Cluster.postgres(own_postgres, own_pg, count=2)
     try:
@@ -48,9 +56,12 @@ def test_a_silent_partition_from_postgres_fails_writes_fast_and_heals_by_itself(
         assert history.ops[-1].outcome == OK
         assert health(cut_off) == (200, "pass")
 
-        cut_off.proxy.blackhole()
+        getattr(cut_off.proxy, fault)()
         partitioned = time.monotonic()
-        for _ in range(3):
+        # the engine's round trip times out after HEALTH_TIMEOUT; an answer is
+        # reused for up to a second
+        warned = poll(lambda: health(cut_off) == (200, "warn"), HEALTH_TIMEOUT + 1 + MARGIN)
+        while time.monotonic() - partitioned < hold:
             load.set(0, cut_off, key)
             write = history.ops[-1]
             assert write.status == 503 and write.outcome == UNKNOWN, write
@@ -60,8 +71,7 @@ def test_a_silent_partition_from_postgres_fails_writes_fast_and_heals_by_itself(
             assert history.ops[-1].answered - history.ops[-1].invoke < 1.0
             load.set(2, other, other_key)  # the other node is not cut off
             assert history.ops[-1].outcome == OK
-        warned = poll(lambda: health(cut_off) == (200, "warn"), HEALTH_TIMEOUT + 1 + MARGIN)
-        assert time.monotonic() - partitioned < 3 * (WRITE_TIMEOUT + MARGIN) + warned
+            assert health(cut_off) == (200, "warn")
 
         cut_off.proxy.heal()
         healed = time.monotonic()
@@ -70,17 +80,21 @@ def test_a_silent_partition_from_postgres_fails_writes_fast_and_heals_by_itself(
             load.set(0, cut_off, key)
             return history.ops[-1].outcome == OK
 
-        recovered = poll(writes_again, 5.0, step=0.1)
-        answers = [round(o.answered - o.invoke, 2) for o in history.ops if o.status == 503]
-        print(f"503 after {answers} s; warn after {warned:.2f} s; writes {recovered:.2f} s after")
-        assert recovered < 5.0
-        poll(lambda: health(cut_off) == (200, "pass"), 5.0 - (time.monotonic() - healed) + 2)
+        recovered = poll(writes_again, RECOVERY, step=0.1)
+        failed = [o for o in history.ops if o.status == 503]
+        slowest = max(o.answered - o.invoke for o in failed)
+        fast = [o.invoke - partitioned for o in failed if o.answered - o.invoke < 0.5]
+        print(
+            f"{fault}: {len(failed)} writes 503, slowest {slowest:.2f} s, at once from "
+            f"{min(fast, default=hold):.1f} s (connections given up); warn after {warned:.2f} s; "
+            f"writes acknowledged {recovered:.2f} s after healing"
+        )
+        poll(lambda: health(cut_off) == (200, "pass"), RECOVERY - (time.monotonic() - healed) + 2)
 
         final = converge(cluster, [key, other_key])
         report = check(history.ops, final, {key: "n1", other_key: "n2"})
         assert_clean(report, history.ops, str(tmp_path))
-        in_doubt = [op for op in history.ops if op.outcome == UNKNOWN]
-        assert len(in_doubt) == 3
+        assert any(op.outcome == UNKNOWN for op in history.ops)
         assert final[key][1] == history.ops[-1].value  # the last acknowledged write won
     finally:
         cluster.stop()

@@ -50,6 +50,13 @@ def partition(cluster: Cluster, node, hold: float) -> None:
     node.proxy.heal()
 
 
+def drop(cluster: Cluster, node, hold: float) -> None:
+    """The kernel drops every packet between the node and PostgreSQL (TCP retransmits)."""
+    node.proxy.drop()
+    time.sleep(hold)
+    node.proxy.heal()
+
+
 def slow(cluster: Cluster, node, hold: float) -> None:
     """Every packet between the node and PostgreSQL delayed 50 ms."""
     node.proxy.delay(0.05)
@@ -67,10 +74,11 @@ NEMESES = {
     "pause": pause,
     "postgres-crash": postgres_crash,
     "partition": partition,
+    "drop": drop,
     "slow": slow,
     "cut": cut,
 }
-POSTGRES_ONLY = {"postgres-crash", "partition", "slow", "cut"}
+POSTGRES_ONLY = {"postgres-crash", "partition", "drop", "slow", "cut"}
 
 
 def available(cluster: Cluster) -> list[str]:
