@@ -28,7 +28,6 @@ thing, and needs root and iptables (installed from Debian when missing).
 
 from __future__ import annotations
 
-import os
 import selectors
 import shutil
 import socket
@@ -37,6 +36,8 @@ import subprocess
 import threading
 import time
 from collections import deque
+
+from tests import debian
 
 PASS, BLACKHOLE = "pass", "blackhole"
 CHUNK = 65536
@@ -202,9 +203,5 @@ class FaultProxy:
 
 
 def _iptables(*args: str) -> None:
-    if shutil.which("iptables") is None:
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, timeout=600)
-        install = ["apt-get", "install", "-y", "-q", "iptables"]
-        subprocess.run(install, env=env, capture_output=True, check=True, timeout=600)
+    debian.ensure("iptables", lambda: shutil.which("iptables") is not None)
     subprocess.run(["iptables", *args], capture_output=True, check=True, timeout=30)

@@ -6,6 +6,7 @@ random (seeded), recording each fault's name, node and times.
 
 from __future__ import annotations
 
+import os
 import random
 import threading
 import time
@@ -25,6 +26,21 @@ class Fault:
 def kill(cluster: Cluster, node, hold: float) -> None:
     """kill -9, down for `hold` seconds, then restarted on the same port and data."""
     node.kill()
+    time.sleep(hold)
+    node.restart()
+
+
+def power_loss(cluster: Cluster, node, hold: float) -> None:
+    """
+    kill -9, then the log grows by up to two 4 KiB blocks of zeros, as a file
+    system leaves a file whose new size reached the disk before its data;
+    restarted after `hold`. With DISK_FSYNC=always nothing acknowledged was
+    in the page cache only, so this is what a power loss can do to the log.
+    """
+    node.kill()
+    log = os.path.join(node.env["DISK_PATH"], "dache.log")
+    with open(log, "ab") as f:
+        f.write(bytes(1 + int(hold * 1000) % 8192))  # hold is the schedule's seeded draw
     time.sleep(hold)
     node.restart()
 
@@ -71,6 +87,7 @@ def cut(cluster: Cluster, node, hold: float) -> None:
 
 NEMESES = {
     "kill": kill,
+    "power-loss": power_loss,
     "pause": pause,
     "postgres-crash": postgres_crash,
     "partition": partition,
@@ -81,11 +98,12 @@ NEMESES = {
 POSTGRES_ONLY = {"postgres-crash", "partition", "drop", "slow", "cut"}
 
 
+DISK_ONLY = {"power-loss"}
+
+
 def available(cluster: Cluster) -> list[str]:
-    names = list(NEMESES)
-    if cluster.server is None:
-        names = [n for n in names if n not in POSTGRES_ONLY]
-    return names
+    skip = POSTGRES_ONLY if cluster.server is None else DISK_ONLY
+    return [name for name in NEMESES if name not in skip]
 
 
 class Schedule:

@@ -8,28 +8,15 @@ its monotonic clock (timeouts, intervals) stays true.
 from __future__ import annotations
 
 import glob
-import os
-import subprocess
+
+from tests import debian
 
 PATTERN = "/usr/lib/*/faketime/libfaketimeMT.so.1"
 
 
 def library() -> str:
-    found = glob.glob(PATTERN)
-    if not found:
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, timeout=600)
-        subprocess.run(
-            ["apt-get", "install", "-y", "-q", "libfaketime"],
-            env=env,
-            capture_output=True,
-            check=True,
-            timeout=600,
-        )
-        found = glob.glob(PATTERN)
-    if not found:
-        raise RuntimeError(f"libfaketime is not installed ({PATTERN}) and could not be")
-    return found[0]
+    debian.ensure("libfaketime", lambda: bool(glob.glob(PATTERN)))
+    return glob.glob(PATTERN)[0]
 
 
 def skewed(env: dict[str, str], seconds: float) -> dict[str, str]:
