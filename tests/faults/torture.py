@@ -4,7 +4,8 @@
     .venv/bin/python -m tests.faults.torture [--minutes 10] [--seed N] [--out DIR]
 
 Runs rounds until the time is up, alternating three postgres-engine nodes on
-one table (every nemesis) and one disk-engine node (kill -9 and SIGSTOP), on
+one table (every nemesis but power loss) and one disk-engine node (kill -9,
+power loss and SIGSTOP), on
 a throwaway PostgreSQL cluster of its own; prints each round's table and a
 total, and exits 1 if any round found an anomaly (its history is in DIR).
 """
