@@ -8,7 +8,7 @@ import pytest
 
 from tests.faults import nemesis
 from tests.faults.cluster import Cluster
-from tests.faults.runner import run, table
+from tests.faults.runner import run, summary
 
 SHORT = {"hold": (1.0, 2.0), "gap": (0.5, 1.0)}
 
@@ -29,12 +29,12 @@ def cluster_of():
 
 def checked(cluster, names, seconds, seed, tmp_path):
     result = run(cluster, names, seconds, seed, str(tmp_path), **SHORT)
-    print(table(result))  # shown with -s, and on failure
+    print(summary(result))  # shown with -s, and on failure
     if result.report.anomalies:
         raise AssertionError(
             f"{len(result.report.anomalies)} anomalies, first: "
             f"{result.report.anomalies[0].check}: {result.report.anomalies[0].message}; "
-            f"the offending history is in {result.anomalies_file}\n{table(result)}"
+            f"the offending history is in {result.anomalies_file}\n{summary(result)}"
         )
     assert result.nemesis_errors == []
     assert {fault.name for fault in result.faults} >= set(names), "every nemesis ran"

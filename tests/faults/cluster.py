@@ -80,10 +80,17 @@ class Node:
 class Cluster:
     """Nodes, their proxies and (for the postgres engine) the PostgreSQL they share."""
 
-    def __init__(self, nodes: list[Node], server: PostgresServer | None, directory: str):
+    def __init__(
+        self,
+        nodes: list[Node],
+        server: PostgresServer | None,
+        directory: str,
+        database: Database | None = None,
+    ):
         self.nodes = nodes
         self.server = server
         self.directory = directory
+        self.database = database
 
     @classmethod
     def postgres(cls, server: PostgresServer, database: Database, count: int = 3) -> Cluster:
@@ -105,7 +112,7 @@ class Cluster:
                 "POSTGRES_PURGE_INTERVAL": "1",
             }
             nodes.append(Node(f"n{i + 1}", env, proxy))
-        return cls(nodes, server, tempfile.mkdtemp(prefix="dache-faults-"))
+        return cls(nodes, server, tempfile.mkdtemp(prefix="dache-faults-"), database)
 
     @classmethod
     def disk(cls) -> Cluster:
@@ -149,6 +156,13 @@ def read(node: Node, key: str, timeout: float = 5.0) -> tuple[int | None, str | 
         raise RuntimeError(f"GET {key} on {node.name}: {status} {body[:200]!r}")
     etag = {k.lower(): v for k, v in headers.items()}["etag"]
     return int(etag.strip('"')), json.loads(body)["value"]
+
+
+def table(database: Database, keys: list[str]) -> dict:
+    """(revision, value) per key as the PostgreSQL table holds it; (None, None) when absent."""
+    rows = database.sql("SELECT key, revision, value FROM dache WHERE key = ANY(%s)", (keys,))
+    held = {key: (revision, json.loads(value)) for key, revision, value in rows}
+    return {key: held.get(key, (None, None)) for key in keys}
 
 
 def converge(cluster: Cluster, keys: list[str], timeout: float = 60.0) -> dict:

@@ -10,10 +10,10 @@ import os
 import time
 from dataclasses import dataclass
 
-from tests.faults.cluster import Cluster, converge
+from tests.faults.cluster import Cluster, converge, table
 from tests.faults.nemesis import Fault, Schedule
 from tests.faults.workload import REQUEST_TIMEOUT, Workload
-from tests.history import FAIL, OK, Report, check, dump
+from tests.history import FAIL, OK, Anomaly, Report, check, dump
 
 WINDOW_GAP = 1.0  # failed writes closer than this belong to one unavailability window
 
@@ -46,6 +46,13 @@ def run(
     final = converge(cluster, workload.keys)
     ops = workload.history.ops
     report = check(ops, final, workload.home)
+    if cluster.database is not None:  # memory mirrors the table
+        held = table(cluster.database, workload.keys)
+        report.anomalies += [
+            Anomaly("table", key, f"nodes serve {final[key]}, the table holds {held[key]}")
+            for key in workload.keys
+            if held[key] != final[key]
+        ]
     anomalies_file = None
     if report.anomalies:
         anomalies_file = os.path.join(out_dir, "anomalies.jsonl")
@@ -81,7 +88,7 @@ def unavailability(ops, began: float) -> dict[str, list[tuple[float, float]]]:
     return windows
 
 
-def table(result: Result) -> str:
+def summary(result: Result) -> str:
     """The summary: ops by outcome, faults, anomalies, unavailability windows."""
     report = result.report
     lines = [f"run: {result.seconds:.0f} s, {report.keys} keys, {len(result.faults)} faults", ""]
@@ -102,7 +109,7 @@ def table(result: Result) -> str:
     kinds: dict[str, int] = {}
     for anomaly in report.anomalies:
         kinds[anomaly.check] = kinds.get(anomaly.check, 0) + 1
-    for name in ("lost", "order", "phantom", "back", "fork", "linear"):
+    for name in ("lost", "order", "phantom", "back", "fork", "linear", "table"):
         lines.append(f"| {name} | {kinds.get(name, 0)} |")
     lines += ["", "| node | write-unavailability windows | longest (s) | total (s) |"]
     lines.append("|---|---|---|---|")

@@ -5,9 +5,9 @@
 
 Runs rounds until the time is up, alternating three postgres-engine nodes on
 one table (every nemesis but power loss) and one disk-engine node (kill -9,
-power loss and SIGSTOP), on
-a throwaway PostgreSQL cluster of its own; prints each round's table and a
-total, and exits 1 if any round found an anomaly (its history is in DIR).
+power loss and SIGSTOP), on a throwaway PostgreSQL cluster of its own; prints
+each round's table and a total, and exits 1 if any round found an anomaly
+(its history is in DIR).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import time
 
 from tests.faults import nemesis
 from tests.faults.cluster import Cluster
-from tests.faults.runner import Result, run, table
+from tests.faults.runner import Result, run, summary
 from tests.history import Report
 from tests.postgres import PostgresServer
 
@@ -58,11 +58,13 @@ def main(argv: list[str] | None = None) -> int:
                 result = run(cluster, nemesis.available(cluster), seconds, seed, out)
             finally:
                 cluster.stop()
-            print(f"\n## round {round_number} ({kind}, seed {seed})\n\n{table(result)}", flush=True)
+            print(
+                f"\n## round {round_number} ({kind}, seed {seed})\n\n{summary(result)}", flush=True
+            )
             results.append(result)
     finally:
         server.destroy()
-    print(f"\n## total: {len(results)} rounds, seed {options.seed}\n\n{table(combined(results))}")
+    print(f"\n## total: {len(results)} rounds, seed {options.seed}\n\n{summary(combined(results))}")
     return 1 if any(r.report.anomalies for r in results) else 0
 
 
