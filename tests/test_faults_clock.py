@@ -12,8 +12,8 @@ import time
 from tests.faults.cluster import Cluster, read
 from tests.faults.skew import skewed
 
-SKEW = 5.0
-LEAD = 9.0  # seconds from the write to the expiry
+SKEW = 8.0
+LEAD = 12.0  # seconds from the write to the expiry
 MARGIN = 1.0  # a shared 2-core machine, and the poll step
 
 
