@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from tests.faults.cluster import NODE_SETTINGS, Cluster, converge
+from tests.faults.cluster import NODE_SETTINGS, Cluster, converge, read
 from tests.faults.workload import Workload
 from tests.history import OK, UNKNOWN, assert_clean, check
 
@@ -81,13 +81,20 @@ def test_a_silent_partition_from_postgres_fails_writes_fast_and_heals_by_itself(
             return history.ops[-1].outcome == OK
 
         recovered = poll(writes_again, RECOVERY, step=0.1)
+        # and it follows the other node again: serves the write it took meanwhile
+        latest = [op for op in history.ops if op.key == other_key and op.outcome == OK][-1]
+        followed = poll(
+            lambda: read(cut_off, other_key) == (latest.revision, latest.value),
+            RECOVERY - (time.monotonic() - healed),
+        )
         failed = [o for o in history.ops if o.status == 503]
         slowest = max(o.answered - o.invoke for o in failed)
         fast = [o.invoke - partitioned for o in failed if o.answered - o.invoke < 0.5]
         print(
             f"{fault}: {len(failed)} writes 503, slowest {slowest:.2f} s, at once from "
             f"{min(fast, default=hold):.1f} s (connections given up); warn after {warned:.2f} s; "
-            f"writes acknowledged {recovered:.2f} s after healing"
+            f"writes acknowledged {recovered:.2f} s after healing, follows again after "
+            f"{recovered + followed:.2f} s"
         )
         poll(lambda: health(cut_off) == (200, "pass"), RECOVERY - (time.monotonic() - healed) + 2)
 
