@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install run test lint format bench postgres-bin clean
+.PHONY: install run test lint format bench postgres-bin clean torture
 
 install: $(STAMP)
 
@@ -41,6 +41,12 @@ lint:
 bench: install postgres-bin
 	@sh bench/ensure-tools.sh
 	$(BIN)/python -m bench.run $(if $(QUICK),--quick,)
+
+# The history checker under every nemesis (tests/faults/torture.py): MINUTES
+# (default 10), SEED (default: the time), OUT (default: /tmp/dache-torture).
+MINUTES ?= 10
+torture: install postgres-bin
+	$(BIN)/python -m tests.faults.torture --minutes $(MINUTES) $(if $(SEED),--seed $(SEED),) $(if $(OUT),--out $(OUT),)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info dache-data

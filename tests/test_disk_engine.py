@@ -334,3 +334,30 @@ async def test_a_compaction_left_over_from_a_crash_is_discarded(tmp_path):
     assert not os.path.exists(node.log_path + ".compact")
     assert list(again.content()) == ["k"]
     await again.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_zero_filled_last_record_starts_and_the_warning_says_what_is_known(
+    tmp_path, log_lines
+):
+    node = await opened(tmp_path / "original")
+    await node.set("first", b'"one"')
+    kept = node.content()
+    await node.set("last", b'"zeroed by a power loss"')
+    await node.close()
+    data = open(node.log_path, "rb").read()
+    last = record_offsets(node.log_path)[-1]
+
+    for start in (last, last + 4, last + 8, last + 12, len(data) - 1):  # 4: just past the length
+        directory = tmp_path / f"zeroed-{start}"
+        directory.mkdir()
+        (directory / LOG_NAME).write_bytes(data[:start] + bytes(4096))
+        del log_lines[:]
+        again = await opened(directory)
+        assert again.content() == kept, start
+        assert os.path.getsize(again.log_path) == last
+        (warning,) = [line for line in log_lines if "torn last record" in line]
+        assert "zero-filled from offset" in warning
+        assert "with DISK_FSYNC=always it was never acknowledged" in warning
+        assert "may have been" in warning  # not "never acknowledged" outright
+        await again.close()

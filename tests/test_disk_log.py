@@ -160,3 +160,68 @@ def test_the_writer_appends_records_synced_or_not(tmp_path):
     assert not writer.unsynced
     writer.close()
     assert replayed(path)[1] == BATCHES[0] + BATCHES[1]
+
+
+def _last_record_offset(data):
+    return len(data) - len(encode_record(BATCHES[-1]))
+
+
+@pytest.mark.parametrize("extended_to", [None, 4096, 12288])
+def test_a_last_record_zero_filled_from_any_byte_on_is_a_torn_tail(tmp_path, extended_to):
+    # A power loss after the file size reached the disk but before its data
+    # did leaves zeros from a block boundary, which can be any byte of the
+    # last record, including just after its length field; the file may also
+    # have grown to the end of a block.
+    data = write_log(tmp_path / "log").read_bytes()
+    last = _last_record_offset(data)
+    path = tmp_path / "zeroed"
+    for start in range(last, len(data)):
+        size = extended_to or len(data)
+        path.write_bytes(data[:start] + bytes(size - start))
+        result, seen = replayed(path)
+        assert result.problem is not None and result.problem.torn, start
+        assert result.problem.offset == result.good_end == last, start
+        assert seen == BATCHES[0] + BATCHES[1], start
+        if size > start:  # the zeros start at the last non-zero byte's end
+            zeros_from = max(last, len(data[:start].rstrip(b"\0")))
+            assert f"zero-filled from offset {zeros_from}" in result.problem.reason, start
+
+
+def test_zeros_just_after_the_length_field_are_torn_not_corrupt(tmp_path):
+    data = write_log(tmp_path / "log").read_bytes()
+    last = _last_record_offset(data)
+    path = tmp_path / "zeroed"
+    path.write_bytes(data[: last + 4] + bytes(len(data) - last - 4))
+    result, _ = replayed(path)
+    assert result.problem.torn
+    assert result.problem.reason == (
+        f"record length checksum mismatch; zero-filled from offset {last + 4}"
+    )
+
+
+GARBAGE = [b"\xde\xad\xbe\xef" * 3, b"\x00\x00\x00\x10garbage!!", bytes(range(1, 40))]
+
+
+@pytest.mark.parametrize("garbage", GARBAGE)
+def test_a_tail_of_other_garbage_is_still_corruption(tmp_path, garbage):
+    data = write_log(tmp_path / "log").read_bytes()
+    path = tmp_path / "garbage"
+    path.write_bytes(data + garbage + bytes(64))
+    result, seen = replayed(path)
+    assert not result.problem.torn
+    assert result.problem.offset == len(data) == result.good_end
+    assert result.problem.reason == "record length checksum mismatch"
+    assert len(seen) == 7
+
+
+def test_a_wrong_length_checksum_followed_by_zeros_is_corruption(tmp_path):
+    # The length landed whole but its checksum bytes are not the right ones:
+    # not a prefix of the record that was being written, so not a torn tail.
+    data = write_log(tmp_path / "log").read_bytes()
+    last = _last_record_offset(data)
+    damaged = bytearray(data[: last + 6] + bytes(len(data) - last - 6))
+    damaged[last + 4] ^= 0x01
+    path = tmp_path / "damaged"
+    path.write_bytes(bytes(damaged))
+    result, _ = replayed(path)
+    assert not result.problem.torn and result.problem.offset == last

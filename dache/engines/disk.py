@@ -56,11 +56,15 @@ back on replay; the next batch tries again.
 Recovery
 --------
 At start-up the log is replayed oldest first; sets whose expiry has passed are
-replayed as deletes. A bad record that is the last thing in the file (cut
-short, a failing checksum over its last bytes, or a zero-filled tail) is the
-write a crash interrupted, never acknowledged: it is cut off with a warning
-saying how many bytes were dropped. A bad record with data after it is
-damage: start-up stops with one line naming the file and offset, and
+replayed as deletes. A bad record that is the last thing in the file is a
+torn tail, the write a crash or power loss interrupted: cut short, a failing
+checksum with only zeros after the record, or zeros from any byte of the
+record on (a file size that reached the disk before its data: zeros from a
+block boundary, possibly just after the length field). It is cut off with a
+warning saying how many bytes were dropped and that it was acknowledged only
+if DISK_FSYNC was not `always`. A bad record with data after it, or a frame
+header that is neither valid nor a zero-filled prefix of one, is damage:
+start-up stops with one line naming the file and offset, and
 `twistd dache --repair` keeps a backup and truncates the log there.
 
 Compaction
@@ -114,6 +118,14 @@ LOCK_NAME = "dache.lock"
 COMPACTING = ".compact"
 CHECK_TIMEOUT = 2.0  # seconds a health check waits for the writer thread
 COMPACTION_RETRY = 60.0  # seconds before compacting again after a failure
+# What a torn tail tells: its write did not reach the disk whole. Whether it
+# was acknowledged depends on the DISK_FSYNC it was written with, which the
+# log does not record, so the line says both cases rather than guessing.
+TORN_MEANING = (
+    "a write that did not reach the disk whole (crash or power loss); with "
+    "DISK_FSYNC=always it was never acknowledged, with everysec or no it may "
+    "have been"
+)
 
 
 class DiskEngine:
@@ -244,7 +256,7 @@ class DiskEngine:
             truncate(self.path, problem.offset)
         self.log.warn(
             "{path}: dropped {dropped} bytes at offset {offset}, a torn last record "
-            "({reason}): a write cut short by a crash, never acknowledged",
+            "({reason}): " + TORN_MEANING,
             path=self.path,
             dropped=size - problem.offset,
             offset=problem.offset,
@@ -572,7 +584,7 @@ def repair(directory: str) -> str:
             truncate(path, problem.offset)
             return (
                 f"{path}: dropped {dropped} bytes at offset {problem.offset}, "
-                f"a torn last record ({problem.reason})"
+                f"a torn last record ({problem.reason}): {TORN_MEANING}"
             )
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
         backup = f"{path}.corrupt-{stamp}"

@@ -171,15 +171,37 @@ def _only_zeros_from(file: object, offset: int) -> bool:
     return True
 
 
+def _data_end(file: object, start: int, size: int) -> int:
+    """The offset just past the last non-zero byte at or after `start` (`start` if none)."""
+    end = size
+    while end > start:
+        begin = max(start, end - READ_CHUNK)
+        file.seek(begin)
+        chunk = file.read(end - begin).rstrip(b"\0")
+        if chunk:
+            return begin + len(chunk)
+        end = begin
+    return start
+
+
+def _zero_filled(reason: str, zeros_from: int, size: int) -> str:
+    if zeros_from >= size:
+        return reason
+    return f"{reason}; zero-filled from offset {zeros_from}"
+
+
 def scan(path: str, on_change: Callable[[Change], None] | None = None) -> ScanResult:
     """
     Read the log at `path` from the start, calling on_change for each change of
     each good record, oldest first, and say where (and why) it stops early.
 
-    A record that is bad only because it is the last thing in the file (cut
-    short, a checksum that fails on its last bytes, or a zero-filled tail as a
-    file system leaves after a power loss) is a torn tail: the write that made
-    it was never acknowledged. Any other bad record is corruption.
+    A record that is bad only because it is the last thing in the file is a
+    torn tail: cut short, a checksum that fails with nothing but zeros after
+    the record, or a record zero-filled from any byte on (a file size that
+    reached the disk before its data leaves zeros from a block boundary, which
+    may fall inside the frame header, just after the length). Any other bad
+    record is corruption: garbage with data after it, or a frame header whose
+    length checksum fails on bytes that are not a zeroed tail.
     """
     with open(path, "rb", buffering=READ_CHUNK) as file:
         size = os.fstat(file.fileno()).st_size
@@ -212,16 +234,28 @@ def _read_record(
     if len(head) < FRAME.size:
         return Problem(offset, True, "the last record's frame header is incomplete")
     length, length_crc, body_crc = FRAME.unpack(head)
-    if length_crc != crc32c(head[:4]):
-        torn = _only_zeros_from(file, offset)
-        return Problem(offset, torn, "record length checksum mismatch")
+    expected_length_crc = struct.pack(">I", crc32c(head[:4]))
+    if head[4:8] != expected_length_crc:
+        # Torn only if the data ends inside the length or its checksum (and
+        # the checksum bytes that did land are the right ones): zeros after.
+        zeros_from = _data_end(file, offset, size)
+        written = zeros_from - offset
+        landed = head[4:written] == expected_length_crc[: max(0, written - 4)]
+        torn = written <= 4 or (written <= 8 and landed)
+        reason = "record length checksum mismatch"
+        return Problem(offset, torn, _zero_filled(reason, zeros_from, size) if torn else reason)
     end = offset + FRAME.size + length
     if end > size:
-        return Problem(offset, True, f"the last record is cut short ({size - offset} bytes)")
+        zeros_from = _data_end(file, offset, size)
+        reason = f"the last record is cut short ({size - offset} bytes)"
+        return Problem(offset, True, _zero_filled(reason, zeros_from, size))
     body = file.read(length)
     if body_crc != crc32c(body):
         torn = end == size or _only_zeros_from(file, end)
-        return Problem(offset, torn, "record checksum mismatch")
+        reason = "record checksum mismatch"
+        if torn:
+            reason = _zero_filled(reason, _data_end(file, offset, size), size)
+        return Problem(offset, torn, reason)
     try:
         changes = decode_changes(body)
     except LogFormatError as e:

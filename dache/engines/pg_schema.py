@@ -248,10 +248,13 @@ class TableSQL:
         )
         # Bounded: at most %s rows per statement; SKIP LOCKED keeps out of writers' way.
         # Parameters: now, limit, now. Answers the number of rows deleted.
+        # A row goes once both the node's clock and the database's have passed
+        # its expiry: a node whose clock runs ahead must not take an entry
+        # from nodes (re)loading the table while it is still live for them.
         self.purge = (
             f"WITH gone AS (DELETE FROM {self.table} WHERE key IN (SELECT key FROM {self.table}"
-            " WHERE expiry <= %s LIMIT %s FOR UPDATE SKIP LOCKED) AND expiry <= %s"
-            " RETURNING 1) SELECT count(*) FROM gone"
+            " WHERE expiry <= least(%s, now()) LIMIT %s FOR UPDATE SKIP LOCKED)"
+            " AND expiry <= least(%s, now()) RETURNING 1) SELECT count(*) FROM gone"
         )
         # One purge per interval for all nodes: the node whose claim updates
         # the row purges. Parameter: seconds that must have passed since the last.
