@@ -335,3 +335,15 @@ def test_blocking_read_parameters_are_checked():
         head, body = client.head_and_body()
         assert head.startswith(b"HTTP/1.1 400"), query
         assert "error" in json.loads(body)
+
+
+def test_a_read_token_can_watch_and_no_token_cannot():
+    from dache.web.auth import Access
+
+    node = MemoryNode(access=Access("write-token-123456", "read-token-123456"))
+    refused = Client(node, watch_request())
+    assert refused.head_and_body()[0].startswith(b"HTTP/1.1 401")
+    reader = Client(node, watch_request(headers="Authorization: Bearer read-token-123456\r\n"))
+    r = write(node, "k")
+    assert [e["id"] for e in reader.events()] == [str(r)]
+    assert node.watchers.open == 1

@@ -128,6 +128,16 @@ class DacheRequest(Request):
         except BaseException:
             self.processingFailed(Failure())
 
+    streaming = False  # a long-lived response (dache.web.watch), see begin_stream
+
+    def begin_stream(self) -> None:
+        """
+        This response is a stream: it stays open and is written to over time.
+        (Twisted's idle and request timeouts are already off while a request is
+        being answered; the edge's per-connection output bound exempts it.)
+        """
+        self.streaming = True
+
     def write(self, data: bytes) -> None:
         super().write(data)
         # The channel holds headers back to send them with the body (see
