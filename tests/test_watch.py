@@ -25,6 +25,7 @@ class Client:
     """One HTTP connection to the node, reading a chunked text/event-stream."""
 
     def __init__(self, node: MemoryNode, request: bytes):
+        self.clock = node.clock
         site = DacheSite(node.api.resource(), timeout=10, request_timeout=3, reactor=node.clock)
         address = IPv4Address("TCP", "127.0.0.1", 50000)
         self.channel = site.buildProtocol(address)
@@ -33,6 +34,7 @@ class Client:
         self.channel.dataReceived(request)
 
     def head_and_body(self) -> tuple[bytes, bytes]:
+        self.clock.advance(0)  # events go out at the end of the reactor turn
         raw = self.transport.value()
         head, _, rest = raw.partition(b"\r\n\r\n")
         if b"transfer-encoding: chunked" not in head.lower():
@@ -67,6 +69,7 @@ class Client:
         return events
 
     def finished(self) -> bool:
+        self.clock.advance(0)
         return self.transport.value().endswith(b"0\r\n\r\n")
 
 
@@ -225,8 +228,9 @@ def test_a_watcher_that_does_not_read_is_dropped_at_its_buffer_and_others_go_on(
     slow = Client(node, watch_request())
     fast = Client(node, watch_request())
     slow.channel.pauseProducing()  # what the transport does when the client stops reading
-    for i in range(100):
+    for i in range(100):  # one write per reactor turn
         write(node, f"k{i}", "x" * 50)
+        node.clock.advance(0)
     assert node.watchers.dropped_slow == 1
     assert slow.events()[-1]["event"] == "error"
     assert "WATCH_BUFFER" in slow.events()[-1]["data"]["error"]

@@ -97,6 +97,8 @@ class Watchers:
         self.dropped_slow = 0
         self.closing = False
         self._heartbeat: LoopingCall | None = None
+        self._dirty: list[Stream] = []  # streams with events to send this turn
+        self._flushing: Any = None
         feed.on_reset.append(self._reset_all)
 
     wants = staticmethod(wants_stream)
@@ -144,8 +146,20 @@ class Watchers:
             self._heartbeat.stop()  # no CPU at all with nobody watching
             self._heartbeat = None
 
+    def flush_later(self, stream: Stream) -> None:
+        self._dirty.append(stream)
+        if self._flushing is None:
+            self._flushing = self.clock.callLater(0, self._flush)
+
+    def _flush(self) -> None:
+        self._flushing = None
+        dirty, self._dirty = self._dirty, []
+        for stream in dirty:
+            stream.flush()
+
     def _reset_all(self, revision: int) -> None:
         for stream in list(self.streams):
+            stream.flush()
             stream.send(_sse_json(b"reset", {"revision": revision}, revision))
 
     # -- GET /dache/<key>?wait=
@@ -206,8 +220,10 @@ class Stream:
         self.request = request
         self.prefix = prefix
         self.paused = False
-        self.backlog: list[bytes] = []
+        self.backlog: list[bytes] = []  # held while the transport is paused
         self.backlog_bytes = 0
+        self.pending: list[bytes] = []  # this reactor turn's events, not written yet
+        self.pending_bytes = 0
         self.done = False
         self.token: int | None = None
         self.ended: Deferred[bytes] = Deferred(lambda _: self._gone())
@@ -234,8 +250,22 @@ class Stream:
         self.send(b"".join(head))
 
     def deliver(self, event: Event) -> None:
+        # Events are sent once per reactor turn, all of the turn's in one write:
+        # a committer batch of 16 changes is one write per watcher, not 16.
         self.watchers.events_sent += 1
-        self.send(event.sse())
+        data = event.sse()
+        self.pending.append(data)
+        self.pending_bytes += len(data)
+        if self.pending_bytes > self.watchers.buffer_bytes:
+            self._drop()
+            return
+        if len(self.pending) == 1:
+            self.watchers.flush_later(self)
+
+    def flush(self) -> None:
+        if self.pending:
+            data, self.pending, self.pending_bytes = b"".join(self.pending), [], 0
+            self.send(data)
 
     def send(self, data: bytes) -> None:
         if self.done:
@@ -251,6 +281,7 @@ class Stream:
     def _drop(self) -> None:
         self.watchers.dropped_slow += 1
         self.backlog, self.backlog_bytes = [], 0
+        self.pending, self.pending_bytes = [], 0
         limit = self.watchers.buffer_bytes
         message = f"this watcher fell {limit} bytes behind (WATCH_BUFFER); resume from the last id"
         self.request.write(_sse_json(b"error", {"error": message}))
@@ -263,6 +294,7 @@ class Stream:
         """End the response cleanly (the terminating chunk), after `last`."""
         if self.done:
             return
+        self.flush()
         if last and not self.paused:
             self.request.write(last)
         self._gone()
