@@ -223,7 +223,6 @@ class Stream:
         self.backlog: list[bytes] = []  # held while the transport is paused
         self.backlog_bytes = 0
         self.pending: list[bytes] = []  # this reactor turn's events, not written yet
-        self.pending_bytes = 0
         self.done = False
         self.token: int | None = None
         self.ended: Deferred[bytes] = Deferred(lambda _: self._gone())
@@ -238,7 +237,7 @@ class Stream:
             begin_stream()
         request.registerProducer(self, True)
         # Replay and subscription in one turn: nothing can be released between.
-        head = [b": watching %b from revision %d\n\n" % (render_json(self.prefix), feed.revision)]
+        head = [b": watching %b at revision %d\n\n" % (render_json(self.prefix), feed.revision)]
         if since is not None:
             replay = feed.replay(since, self.prefix)
             if replay is None:
@@ -253,18 +252,15 @@ class Stream:
         # Events are sent once per reactor turn, all of the turn's in one write:
         # a committer batch of 16 changes is one write per watcher, not 16.
         self.watchers.events_sent += 1
-        data = event.sse()
-        self.pending.append(data)
-        self.pending_bytes += len(data)
-        if self.pending_bytes > self.watchers.buffer_bytes:
-            self._drop()
-            return
+        # (A turn's events are bounded by the committer's batch; WATCH_BUFFER bounds
+        # what is held beyond that, while the transport is paused.)
+        self.pending.append(event.sse())
         if len(self.pending) == 1:
             self.watchers.flush_later(self)
 
     def flush(self) -> None:
         if self.pending:
-            data, self.pending, self.pending_bytes = b"".join(self.pending), [], 0
+            data, self.pending = b"".join(self.pending), []
             self.send(data)
 
     def send(self, data: bytes) -> None:
@@ -281,7 +277,7 @@ class Stream:
     def _drop(self) -> None:
         self.watchers.dropped_slow += 1
         self.backlog, self.backlog_bytes = [], 0
-        self.pending, self.pending_bytes = [], 0
+        self.pending = []
         limit = self.watchers.buffer_bytes
         message = f"this watcher fell {limit} bytes behind (WATCH_BUFFER); resume from the last id"
         self.request.write(_sse_json(b"error", {"error": message}))
