@@ -187,3 +187,16 @@ def test_sigterm_ends_streams_cleanly_and_blocking_reads_answer_fast(dache_proce
     assert node.terminate() == 0
     wait_until(lambda: watcher.closed)
     assert any("shutting down" in c for c in watcher.comments)
+
+
+def test_a_node_without_the_history_replays_from_the_postgresql_table(dache_process, pg):
+    a = start(dache_process, pg, DURABILITY_ENGINE="postgres")
+    revisions = [put(a, f"t/{i}", i) for i in range(6)]
+    status, _, _ = a.request("DELETE", "/dache/t%2F0")
+    b = start(dache_process, pg, DURABILITY_ENGINE="postgres")  # its history starts now
+    watcher = Watcher(b.port, query=f"&since={revisions[0]}")
+    later = put(a, "t/later", 0)
+    wait_until(lambda: any(e["data"]["key"] == "t/later" for e in watcher.events))
+    got = [(e["event"], e["data"]["key"]) for e in watcher.events]
+    assert got == [("set", f"t/{i}") for i in range(1, 6)] + [("delete", "t/0"), ("set", "t/later")]
+    assert watcher.ids() == sorted(watcher.ids()) and watcher.ids()[-1] == later

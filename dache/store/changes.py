@@ -130,6 +130,9 @@ class ChangeFeed:
         self._next_token = 0
         self.released = 0  # events released (counted once, however many watchers)
         self.on_reset: list[Callable[[int], None]] = []  # reset(revision): live watchers
+        # older(since) -> Deferred[(through, [Event]) or None]: the engine's replay of
+        # what is older than the history (PostgreSQL: rows and tombstones), or None.
+        self.older: Callable[[int], Any] | None = None
 
     # -- sources
 

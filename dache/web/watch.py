@@ -31,7 +31,7 @@ from zope.interface import implementer
 
 from dache.rendering import render_json
 from dache.store.cache import Cache
-from dache.store.changes import ChangeFeed, Event, publish_expiries
+from dache.store.changes import EVENT_EXPIRE, ChangeFeed, Event, publish_expiries
 from dache.web.api import JSON, APIError, error_body, etag
 
 EVENT_STREAM = b"text/event-stream"
@@ -224,6 +224,8 @@ class Stream:
         self.backlog_bytes = 0
         self.pending: list[bytes] = []  # this reactor turn's events, not written yet
         self.done = False
+        self.held: list[Event] | None = None  # live events held during an engine replay
+        self.replayed_through = 0  # the engine's replay covered changes up to here
         self.token: int | None = None
         self.ended: Deferred[bytes] = Deferred(lambda _: self._gone())
 
@@ -238,17 +240,56 @@ class Stream:
         request.registerProducer(self, True)
         # Replay and subscription in one turn: nothing can be released between.
         head = [b": watching %b at revision %d\n\n" % (render_json(self.prefix), feed.revision)]
+        self.token = feed.subscribe(self.prefix, self.deliver)
         if since is not None:
             replay = feed.replay(since, self.prefix)
+            if replay is None and feed.older is not None:
+                self.send(b"".join(head))
+                self._replay_from_engine(since)
+                return
             if replay is None:
                 head.append(_sse_json(b"reset", {"revision": feed.revision}, feed.revision))
             else:
                 head.extend(event.sse() for event in replay)
                 self.watchers.events_sent += len(replay)
-        self.token = feed.subscribe(self.prefix, self.deliver)
         self.send(b"".join(head))
 
+    def _replay_from_engine(self, since: int) -> None:
+        """
+        Older than the history: the engine's own record (PostgreSQL: the
+        table's rows and tombstones above `since`). Live events arriving
+        meanwhile are held, then sent after the replay, less what it covered.
+        """
+        self.held = []
+        feed = self.watchers.feed
+
+        def replayed(result: tuple[int, list[Event]] | None) -> None:
+            held, self.held = self.held or [], None
+            if self.done:
+                return
+            if result is None:  # too old for the engine too, or it failed
+                self.send(_sse_json(b"reset", {"revision": feed.revision}, feed.revision))
+                events, last = [], feed.revision
+            else:
+                last, events = result
+                events = [e for e in events if e.key.startswith(self.prefix)]
+            self.replayed_through = last
+            events += [e for e in held if e.kind == EVENT_EXPIRE or e.revision > last]
+            self.watchers.events_sent += len(events)
+            if events:
+                self.send(b"".join(e.sse() for e in events))
+
+        feed.older(since).addCallbacks(replayed, lambda _: replayed(None))
+
     def deliver(self, event: Event) -> None:
+        held = self.held
+        if held is not None:  # a replay from the engine is under way
+            held.append(event)
+            if len(held) > self.watchers.feed.history_count:
+                self._drop()
+            return
+        if event.revision <= self.replayed_through and event.kind != EVENT_EXPIRE:
+            return  # the engine's replay already had it
         # Events are sent once per reactor turn, all of the turn's in one write:
         # a committer batch of 16 changes is one write per watcher, not 16.
         self.watchers.events_sent += 1
@@ -388,6 +429,9 @@ def attach(
         ordered=followed is not None,
     )
     committer.on_applied.append(feed.offer)
+    changes_since = getattr(committer.engine, "changes_since", None)
+    if changes_since is not None:  # replay older than the history from the engine
+        feed.older = lambda since: changes_since(since, feed.history_count)
     cache.on_expire = publish_expiries(feed)
     if followed is not None:
         followed.feed = feed
