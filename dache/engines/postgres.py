@@ -390,11 +390,9 @@ class PostgresEngine:
         """
         The table's changes above `since` (each key's latest: a row or a
         tombstone), oldest first, as the follower's catch-up reads them:
-        (highest revision read, [Event]), or None when tombstones above `since`
+        (highest revision read, [Change]), or None when tombstones above `since`
         were pruned or there are more than `limit` (the watcher must reset).
         """
-        from dache.store.changes import Event  # engines -> store only here, for watchers
-
         rows = yield self.pool.runQuery(self.sql.changes_since, {"since": since, "limit": limit})
         if rows[0][0] > since:
             return None  # deletes above `since` are forgotten
@@ -402,7 +400,7 @@ class PostgresEngine:
         if len(changes) >= limit:
             return None
         top = changes[-1].revision if changes else since
-        return top, [Event.from_change(change) for change in changes]
+        return top, changes
 
     # -- writes
 

@@ -431,7 +431,14 @@ def attach(
     committer.on_applied.append(feed.offer)
     changes_since = getattr(committer.engine, "changes_since", None)
     if changes_since is not None:  # replay older than the history from the engine
-        feed.older = lambda since: changes_since(since, feed.history_count)
+
+        def older(since: int) -> Deferred[Any]:
+            d = changes_since(since, feed.history_count)
+            return d.addCallback(
+                lambda r: None if r is None else (r[0], [Event.from_change(c) for c in r[1]])
+            )
+
+        feed.older = older
     cache.on_expire = publish_expiries(feed)
     if followed is not None:
         followed.feed = feed
