@@ -380,6 +380,44 @@ SETTINGS: list[Setting] = [
         "Seconds a connection may leave its answers unread (over OUTPUT_BUFFER_BYTES) "
         "before it is closed.",
     ),
+    # -- watching changes (dache/store/changes.py, dache/web/watch.py)
+    Setting(
+        "WATCH_HISTORY",
+        "watch-history",
+        "10000",
+        positive_int,
+        "Recent changes kept in memory so a watcher can resume (since / Last-Event-ID).",
+    ),
+    Setting(
+        "WATCH_HISTORY_BYTES",
+        "watch-history-bytes",
+        "16777216",
+        positive_int,
+        "Bytes the kept changes may take (keys, values and about 100 bytes each).",
+    ),
+    Setting(
+        "WATCH_BUFFER",
+        "watch-buffer",
+        "1048576",
+        positive_int,
+        "Bytes of events held for a watcher that does not read; past it the watcher gets "
+        "'event: error' and is disconnected.",
+    ),
+    Setting(
+        "WATCH_HEARTBEAT",
+        "watch-heartbeat",
+        "15",
+        positive_seconds,
+        "Seconds between heartbeat comments on an idle watch stream (keeps proxies from "
+        "closing it).",
+    ),
+    Setting(
+        "WATCH_MAX",
+        "watch-max",
+        "10000",
+        positive_int,
+        "Most watch streams and blocking reads open at once; more get 503.",
+    ),
 ]
 
 

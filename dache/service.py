@@ -39,6 +39,8 @@ from dache.web.auth import Access
 from dache.web.health import HealthMonitor
 from dache.web.metrics import Metrics
 from dache.web.site import DacheSite
+from dache.web.watch import Watchers
+from dache.web.watch import attach as attach_watch
 from dache.workers import LISTEN_FD_ENV, WorkerPool, is_worker, watch_supervisor
 
 SWEEP_INTERVAL = 1.0  # seconds between expiry sweeps
@@ -75,6 +77,7 @@ class DacheService(service.Service):
         self.health: HealthMonitor | None = None
         self.metrics: Metrics | None = None
         self.site: DacheSite | None = None
+        self.watchers: Watchers | None = None
         self.port: Any = None
         self.started_at: float | None = None
         self._sweeper: LoopingCall | None = None
@@ -106,8 +109,10 @@ class DacheService(service.Service):
         # An engine shared with other nodes hands their changes (and whatever a
         # write of unknown outcome did) to memory, by revision (dache.store.follow).
         follow = getattr(self.engine, "follow", None)
+        followed = None
         if follow is not None:
-            follow(FollowedCache(self.cache, reactor))
+            followed = FollowedCache(self.cache, reactor)
+            follow(followed)
 
         began = time.monotonic()
         gcpolicy.pause()  # see dache.gcpolicy: the load makes no cycles
@@ -158,6 +163,17 @@ class DacheService(service.Service):
             metrics=self.metrics,
             access=Access.from_config(config),
         )
+        self.watchers = attach_watch(
+            self.api,
+            self.committer,
+            self.cache,
+            reactor,
+            config,
+            followed,
+            revision=self.committer.revision,
+        )
+        if self.metrics is not None:
+            self.metrics.watchers = self.watchers
         self.site = DacheSite(
             self.api.resource(),
             max_body_bytes=config.max_value_bytes,
@@ -231,6 +247,8 @@ class DacheService(service.Service):
         stopping_workers = self.workers.stopService() if self.workers is not None else None
         if self._supervisor_watch is not None and self._supervisor_watch.running:
             self._supervisor_watch.stop()
+        if self.watchers is not None:
+            self.watchers.close()  # every stream ends cleanly, before the port closes
         if self.port is not None:
             yield self.port.stopListening()
         if self._sweeper is not None and self._sweeper.running:

@@ -19,6 +19,7 @@ from dache.engines.memory import MemoryEngine
 from dache.store.cache import Cache
 from dache.store.committer import Committer
 from dache.web.api import DacheAPI
+from dache.web.watch import attach as attach_watch
 
 BASE = "http://dache.test"
 
@@ -45,6 +46,7 @@ class MemoryNode:
         self.cache = Cache()
         self.committer = Committer(self.engine, self.cache, self.clock, write_timeout)
         self.api = DacheAPI(self.cache, self.committer, self.clock, **api_options)
+        self.watchers = attach_watch(self.api, self.committer, self.cache, self.clock)
         self.http = StubTreq(self.api.resource())
 
     @staticmethod

@@ -191,6 +191,7 @@ class TableFollower:
         """This node committed revisions first..last and applies them itself."""
         if first == self.watermark + 1:
             self.watermark = last
+            self.target.advanced(last)
         else:  # others' changes (or a gap) in between: read up to here
             self.wake()
 

@@ -49,7 +49,7 @@ from txpostgres.psycopg2_impl import psycopg2
 from txpostgres.reconnection import ConnectionDead
 
 from dache.engines import SET, Change, EngineHealth, EngineUnavailable
-from dache.engines.pg_follow import READ_ERRORS, TableFollower, stream_snapshot
+from dache.engines.pg_follow import READ_ERRORS, TableFollower, row_change, stream_snapshot
 from dache.engines.pg_pool import (
     CONNECTION_ERRORS,
     PooledConnection,
@@ -382,6 +382,25 @@ class PostgresEngine:
             f"migrated PostgreSQL table {{table}} from the dache 0.3.0 shape: {rows} rows "
             "(string values are now JSON strings; expiry was read as UTC)",
         )
+
+    # -- replay for watchers (dache.web.watch)
+
+    @inlineCallbacks
+    def changes_since(self, since: int, limit: int) -> Any:
+        """
+        The table's changes above `since` (each key's latest: a row or a
+        tombstone), oldest first, as the follower's catch-up reads them:
+        (highest revision read, [Change]), or None when tombstones above `since`
+        were pruned or there are more than `limit` (the watcher must reset).
+        """
+        rows = yield self.pool.runQuery(self.sql.changes_since, {"since": since, "limit": limit})
+        if rows[0][0] > since:
+            return None  # deletes above `since` are forgotten
+        changes = [row_change(*row[1:]) for row in rows if row[1] is not None]
+        if len(changes) >= limit:
+            return None
+        top = changes[-1].revision if changes else since
+        return top, changes
 
     # -- writes
 

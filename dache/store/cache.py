@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import heapq
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from dache.rendering import render_json, render_key
 
@@ -91,6 +91,8 @@ class Cache:
         # still arrive out of order (see remember_deletes); None: not kept.
         self._deleted: dict[str, int] | None = None
         self._deleted_heap: list[tuple[int, str]] = []
+        # Called with (key, entry) for each entry expire() drops (the change feed).
+        self.on_expire: Callable[[str, Entry], None] | None = None
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -212,6 +214,8 @@ class Cache:
             if entry is not None and entry.expiry == expiry:
                 self.delete(key)
                 removed += 1
+                if self.on_expire is not None:
+                    self.on_expire(key, entry)
         # Stale heap items accumulate under overwrite-heavy loads; rebuild when
         # they clearly outnumber entries with an expiry.
         if len(heap) > 1024 and len(heap) > 4 * len(self._entries):

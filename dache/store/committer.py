@@ -81,6 +81,8 @@ class Committer:
         # Observers, e.g. metrics: called with (batch size, seconds) / (error).
         self.on_batch: list[Callable[[int, float], None]] = []
         self.on_failure: list[Callable[[EngineUnavailable], None]] = []
+        # Called with each change once it is in memory (the change feed).
+        self.on_applied: list[Callable[[Change], None]] = []
         # Counters for health checks and tests.
         self.batches = 0
         self.changes = 0
@@ -199,7 +201,7 @@ class Committer:
 
     def _written(self, _: object, batch: _Batch, started: float) -> None:
         self._stop_timer(batch)
-        cache = self.cache
+        cache, applied_hooks = self.cache, self.on_applied
         for change in batch.changes:
             if change.rejected:
                 continue
@@ -208,7 +210,12 @@ class Committer:
             if change.kind == SET:
                 cache.apply_set(change.key, change.value_json, change.expiry, change.revision)
             else:
+                existed = change.key in cache  # a delete of nothing is no event
                 cache.apply_delete(change.key, change.revision)
+                if not existed:
+                    continue
+            for hook in applied_hooks:
+                hook(change)
         applied = [c.revision for c in batch.changes if not c.rejected]
         if applied:
             self.revision = max(self.revision, *applied)

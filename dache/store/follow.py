@@ -37,6 +37,7 @@ class FollowedCache:
         cache.remember_deletes()
         self.applied = 0  # changes applied (not left out as older)
         self.left_out = 0  # changes older than what memory held
+        self.feed: Any = None  # a dache.store.changes.ChangeFeed, or None
 
     def apply(self, change: Change) -> bool:
         """Apply a committed change unless memory holds a later state; False if left out."""
@@ -51,26 +52,39 @@ class FollowedCache:
             self.applied += 1
         else:
             self.left_out += 1
+        if self.feed is not None:  # committed either way: watchers see it in order
+            self.feed.offer(change)
         return applied
 
     def settled(self, through: int) -> None:
         """No change of revision <= through can arrive any more: forget those deletes."""
         self.cache.forget_deletes(through)
+        self.advanced(through)
+
+    def advanced(self, through: int) -> None:
+        """Every change up to `through` is in memory (the follower's watermark)."""
+        if self.feed is not None:
+            self.feed.settle(through)
 
     def reloading(self) -> Reload:
-        return Reload(self)
+        return Reload(self, self.feed)
 
 
 class Reload:
     """A full reload: apply every row of a snapshot, then drop what it no longer has."""
 
-    def __init__(self, followed: FollowedCache):
+    def __init__(self, followed: FollowedCache, feed: Any = None):
         self.followed = followed
+        self.feed = feed  # told once the reload is done: its history has a gap
         self.seen: set[str] = set()
 
     def apply(self, change: Change) -> None:
         self.seen.add(change.key)
-        self.followed.apply(change)
+        feed, self.followed.feed = self.followed.feed, None  # a reload is no change stream
+        try:
+            self.followed.apply(change)
+        finally:
+            self.followed.feed = feed
 
     def finish(self, through: int) -> int:
         """
@@ -82,5 +96,7 @@ class Reload:
         gone = [k for k, e in cache.items() if k not in seen and e.revision <= through]
         for key in gone:
             cache.delete(key)
+        if self.feed is not None:
+            self.feed.reset(through)
         self.followed.settled(through)
         return len(gone)

@@ -199,6 +199,7 @@ class DacheAPI:
             health = HealthMonitor(committer.engine, committer, cache, clock)
         self.monitor = health
         self.metrics = metrics  # None: METRICS=false
+        self.watch: Any = None  # a dache.web.watch.Watchers, once attached
 
     def resource(self) -> Resource:
         from dache.web.dispatch import DacheResource
@@ -210,11 +211,15 @@ class DacheAPI:
     # -- routes
 
     @app.route("/dache", methods=["GET", "HEAD", "POST", "PUT", "DELETE"])
-    def empty_key(self, request: IRequest) -> bytes:
+    def empty_key(self, request: IRequest) -> Any:
+        if self.watch is not None and request.method == b"GET" and self.watch.wants(request):
+            return self.watch.stream(request)  # see dache.web.watch
         raise APIError(400, "key must not be empty: use /dache/<key>")
 
     @app.route("/dache/<path:key>", methods=["GET", "HEAD"])
-    def get(self, request: IRequest, key: str) -> bytes:
+    def get(self, request: IRequest, key: str) -> bytes | int:
+        if request.args and self.watch is not None and b"wait" in request.args:
+            return self.watch.long_poll(request, key)  # a blocking read
         entry = self.cache.get(key, self.clock.seconds())
         if entry is None:
             raise APIError(404, "key not found")

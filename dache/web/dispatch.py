@@ -25,7 +25,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
@@ -90,6 +90,9 @@ class DacheResource(Resource):
         if isinstance(result, Change):
             self.api.committer.submit_to(result, _WriteAnswer(self.api, request))
         elif isinstance(result, Deferred):
+            # As Klein does: a client that goes away cancels what its answer waits on
+            # (a watch stream, a blocking read), so nothing is left holding it.
+            request.notifyFinish().addErrback(_cancel_on_disconnect, result)
             result.addCallbacks(_answer_later, self._failed_later, (request,), None, (request,))
         elif result is not NOT_DONE_YET:
             raise TypeError(f"a route returned {type(result).__name__}")
@@ -124,10 +127,16 @@ class DacheResource(Resource):
         return _handler(self.app, endpoint)(self.api, request, **arguments)
 
     def _failed_later(self, failure: Failure, request: IRequest) -> None:
+        if failure.check(CancelledError):
+            return  # the client went away (see _cancel_on_disconnect)
         if failure.check(APIError):
             finish(request, error(request, failure.value.status, failure.value.message))
         else:
             finish(request, self.api.unexpected(request, failure))
+
+
+def _cancel_on_disconnect(reason: Failure, answer: Deferred) -> None:
+    answer.cancel()
 
 
 def _answer_later(body: bytes | None, request: IRequest) -> None:

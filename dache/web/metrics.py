@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 from prometheus_client.exposition import choose_encoder
@@ -122,6 +123,7 @@ class Metrics:
         self.batch_changes = Histogram(BATCH_CHANGES)
         self.write_seconds = Histogram(WRITE_SECONDS)
         self.write_failures = 0
+        self.watchers: Any = None  # dache.web.watch.Watchers, set by the service
         committer.on_batch.append(self._batch_written)
         committer.on_failure.append(self._batch_failed)
 
@@ -166,6 +168,24 @@ class Metrics:
         request.setHeader(b"content-type", content_type.encode("ascii"))
         request.setHeader(b"cache-control", b"no-store")
         return encode(self.registry)
+
+
+def watch_metrics(watchers: Any) -> Iterator[Metric]:
+    """Watch streams and blocking reads (dache.web.watch)."""
+    open_ = GaugeMetricFamily(
+        "dache_watchers", "Watch streams and blocking reads open.", labels=["kind"]
+    )
+    open_.add_metric(["stream"], len(watchers.streams))
+    open_.add_metric(["long_poll"], len(watchers.polls))
+    yield open_
+    sent = CounterMetricFamily("dache_watch_events_sent", "Events sent to watch streams.")
+    sent.add_metric([], watchers.events_sent)
+    yield sent
+    dropped = CounterMetricFamily(
+        "dache_watchers_dropped_slow", "Watch streams dropped past WATCH_BUFFER (not reading)."
+    )
+    dropped.add_metric([], watchers.dropped_slow)
+    yield dropped
 
 
 class _DacheCollector:
@@ -235,6 +255,8 @@ class _DacheCollector:
             )
             load.add_metric([], m.load_seconds)
             yield load
+        if m.watchers is not None:
+            yield from watch_metrics(m.watchers)
         yield InfoMetricFamily("dache_build", "dache's version.", value={"version": m.release})
 
     @staticmethod
