@@ -115,7 +115,9 @@ def test_idle_watchers_cost_no_cpu_and_a_slow_reader_is_dropped_while_others_rec
     count = 2000
     if soft < count + 200:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, count + 500), hard))
-    node = dache_process(env={"DURABILITY_ENGINE": "memory", "WATCH_BUFFER": "1048576"})
+    node = dache_process(
+        env={"DURABILITY_ENGINE": "memory", "WATCH_BUFFER": "1048576", "MAX_CONNECTIONS": "4000"}
+    )
     sockets = []
     opening = time.monotonic()
     for _ in range(count):
