@@ -25,6 +25,7 @@ from twisted.python.failure import Failure
 
 from dache.engines import SET, Change, Engine, EngineUnavailable, PreconditionFailed
 from dache.store.cache import Cache
+from dache.store.eviction import MemoryBound
 
 
 class WriteTimeout(EngineUnavailable):
@@ -68,12 +69,16 @@ class Committer:
         clock: Any,
         write_timeout: float = 2.0,
         revision: int = 0,
+        bound: MemoryBound | None = None,
     ):
         self.engine = engine
         self.cache = cache
         self.clock = clock
         self.write_timeout = write_timeout
         self.revision = revision  # last revision handed out
+        # MAX_MEMORY (dache.store.eviction): refusals and evictions, decided per batch.
+        self.memory = bound  # for health and metrics, even when it has no limit
+        self.bound = bound if bound is not None and bound.limit else None
         self._queued: _Batch | None = None
         self._in_flight: _Batch | None = None
         self._closing = False
@@ -146,6 +151,15 @@ class Committer:
             change.conditional for change in batch.changes
         ):
             self._check_preconditions(batch)
+            if not batch.changes:
+                self._answer(batch)
+                self._next()
+                return
+        bound = self.bound
+        if bound is not None:
+            bound.tick(self.clock.seconds())
+            # Over the limit: refuse (507) or make room: eviction deletes join this batch.
+            batch.changes, batch.waiters = bound.admit(batch.changes, batch.waiters, batch.answered)
             if not batch.changes:
                 self._answer(batch)
                 self._next()
