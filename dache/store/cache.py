@@ -109,6 +109,7 @@ class Cache:
         # Keys to sample from for allkeys-* eviction (dache.store.eviction):
         # appended when a key is new, removed lazily when sampled. None: not kept.
         self.sample_keys: list[str] | None = None
+        self.entry_overhead = ENTRY_OVERHEAD  # + a list slot while sample_keys is kept
         self.expired_total = 0  # entries removed because they expired
         # key -> revision of its latest delete, kept only while changes can
         # still arrive out of order (see remember_deletes); None: not kept.
@@ -131,15 +132,14 @@ class Cache:
         """
         return (
             self.bytes
-            + ENTRY_OVERHEAD * len(self._entries)
+            + self.entry_overhead * len(self._entries)
             + EXPIRY_OVERHEAD * self.with_expiry
-            + 8 * (len(self.sample_keys) if self.sample_keys is not None else 0)
         )
 
-    @staticmethod
-    def cost(key: str, body_length: int, has_expiry: bool) -> int:
+    def cost(self, key: str, body_length: int, has_expiry: bool) -> int:
         """What one entry adds to `used` (the committer's projection before a write)."""
-        return len(key) + body_length + ENTRY_OVERHEAD + (EXPIRY_OVERHEAD if has_expiry else 0)
+        extra = self.entry_overhead + (EXPIRY_OVERHEAD if has_expiry else 0)
+        return len(key) + body_length + extra
 
     def entry_cost(self, key: str, entry: Entry) -> int:
         return self.cost(key, len(entry.body), entry._meta.__class__ is tuple)

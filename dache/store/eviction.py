@@ -40,7 +40,7 @@ from twisted.python.failure import Failure
 from dache.engines import SET, Change
 from dache.errors import StartupError
 from dache.rendering import render_json, render_key
-from dache.store.cache import Cache, Entry
+from dache.store.cache import ENTRY_OVERHEAD, Cache, Entry
 
 POLICIES = (
     "noeviction",
@@ -54,6 +54,7 @@ POLICIES = (
 )
 SAMPLES = 16  # keys sampled per victim (Redis: maxmemory-samples, 5 with a pool)
 GIVE_UP_AFTER = 64  # samples in a row that found no candidate
+SAMPLE_SLOT = 8  # allkeys-*: a key's pointer in Cache.sample_keys
 LFU_INIT = 5  # a new key's counter (Redis's LFU_INIT_VAL)
 LFU_LOG_FACTOR = 10
 LFU_DECAY_SECONDS = 60
@@ -113,6 +114,7 @@ class MemoryBound:
             self._install_reads()
         if limit and self.evicts and not self.volatile:
             cache.sample_keys = list(cache._entries)
+            cache.entry_overhead = ENTRY_OVERHEAD + SAMPLE_SLOT
 
     @property
     def evicts(self) -> bool:
