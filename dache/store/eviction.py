@@ -11,7 +11,7 @@ engine, the committer asks MemoryBound.admit() to fit it under the limit:
   refused with OutOfMemory (HTTP 507) and changes nothing;
 - with another policy, make_room() chooses victims and their deletes join
   the same engine batch as the write that needed the room, so an eviction
-  is as durable as any delete: a restart, a kill -9 or another node on the
+  is as durable as any delete (placed just before that write): a restart, a kill -9 or another node on the
   same PostgreSQL table never brings the key back. A set that cannot be made
   room for (larger than the limit, or volatile-* with nothing volatile left)
   is refused and evicts nothing.
@@ -290,7 +290,8 @@ class MemoryBound:
         in_batch = {change.key for change in changes}
         taken: set[str] = set()
         projected: dict[str, int] = {}  # key -> its cost after the earlier changes here
-        kept_changes, kept_waiters, victims = [], [], []
+        kept_changes: list[Any] = []
+        kept_waiters: list[Any] = []
         for change, waiter in zip(changes, waiters, strict=True):
             key = change.key
             if key in projected:
@@ -319,17 +320,17 @@ class MemoryBound:
                     if not answered:
                         waiter.errback(Failure(self.refusal(new, used + growth - limit)))
                     continue
+                # The deletes go just before the write: replaying the batch
+                # (the disk engine's log) never holds more than the limit.
                 for victim, cost in room:
                     taken.add(victim)
-                    victims.append(victim)
+                    kept_changes.append(Change.delete(victim))
+                    kept_waiters.append(self._waiter)
                     used -= cost
             used += growth
             projected[key] = new
             kept_changes.append(change)
             kept_waiters.append(waiter)
-        for victim in victims:
-            kept_changes.append(Change.delete(victim))
-            kept_waiters.append(self._waiter)
         return kept_changes, kept_waiters
 
     # -- over the limit without a write asking (other nodes' changes)
@@ -416,7 +417,7 @@ class LoadBound:
             else f"holds {describe(cache.used)} ({len(cache)} entries)"
         )
         what = (
-            "raise MAX_MEMORY or choose an EVICTION_POLICY that evicts"
+            "EVICTION_POLICY=noeviction: raise MAX_MEMORY or choose a policy that evicts"
             if policy == "noeviction"
             else f"EVICTION_POLICY={policy} finds nothing more to evict"
         )
