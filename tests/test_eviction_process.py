@@ -182,3 +182,40 @@ def test_a_64mb_node_filled_with_300mb_stays_up_within_its_bound(dache_process):
     assert node.set("after", "fine") == 204
     assert node.get("after") == (200, {"key": "after", "value": "fine"})
     assert node.get(f"k{count - 1}")[0] == 200
+
+
+def _fill(node, keys, value, threads=4):
+    import http.client
+
+    body = json.dumps({"value": value}).encode()
+    errors: list[int] = []
+
+    def writer(first: int) -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", node.port, timeout=30)
+        for key in keys[first::threads]:
+            connection.request("POST", "/dache/" + quote(key), body)
+            response = connection.getresponse()
+            response.read()
+            if response.status != 204:
+                errors.append(response.status)
+        connection.close()
+
+    running = [threading.Thread(target=writer, args=(n,)) for n in range(threads)]
+    for thread in running:
+        thread.start()
+    for thread in running:
+        thread.join(timeout=300)
+    assert not errors
+
+
+def test_rss_growth_while_filling_is_the_accounted_bytes_within_20_percent(dache_process):
+    # 100-byte values, as bench/ measures; with 1 KiB ones glibc's heap
+    # fragmentation makes RSS 1.5x (README "Memory and eviction").
+    node = start(dache_process, {"DURABILITY_ENGINE": "memory"}, MAX_MEMORY="1gb")
+    value = "x" * 98
+    _fill(node, [f"warm-{i:06d}" for i in range(5000)], value)  # the heap's first growth
+    rss_before, used_before = _rss(node.proc.pid), memory_used(node)
+    _fill(node, [f"key-{i:06d}" for i in range(60_000)], value)
+    grown = _rss(node.proc.pid) - rss_before
+    accounted = memory_used(node) - used_before
+    assert 0.8 * accounted <= grown <= 1.2 * accounted, (grown, accounted)

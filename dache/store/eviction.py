@@ -10,9 +10,9 @@ engine, the committer asks MemoryBound.admit() to fit it under the limit:
 - with `noeviction`, a set that would take the cache past the limit is
   refused with OutOfMemory (HTTP 507) and changes nothing;
 - with another policy, make_room() chooses victims and their deletes join
-  the same engine batch as the write that needed the room, so an eviction
-  is as durable as any delete (placed just before that write): a restart, a kill -9 or another node on the
-  same PostgreSQL table never brings the key back. A set that cannot be made
+  the same engine batch, just before the write that needed the room, so an
+  eviction is as durable as any delete: a restart, a kill -9 or another node
+  on the same PostgreSQL table never brings the key back. A set that cannot be made
   room for (larger than the limit, or volatile-* with nothing volatile left)
   is refused and evicts nothing.
 
