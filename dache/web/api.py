@@ -210,10 +210,8 @@ class DacheAPI:
 
     # -- routes
 
-    @app.route("/dache", methods=["GET", "HEAD", "POST", "PUT", "DELETE"])
-    def empty_key(self, request: IRequest) -> Any:
-        if self.watch is not None and request.method == b"GET" and self.watch.wants(request):
-            return self.watch.stream(request)  # see dache.web.watch
+    @app.route("/dache", methods=["PUT"])  # GET (list, watch), DELETE, POST: dache.web.keyspace
+    def empty_key(self, request: IRequest) -> bytes:
         raise APIError(400, "key must not be empty: use /dache/<key>")
 
     @app.route("/dache/<path:key>", methods=["GET", "HEAD"])
@@ -223,6 +221,11 @@ class DacheAPI:
         entry = self.cache.get(key, self.clock.seconds())
         if entry is None:
             raise APIError(404, "key not found")
+        if request.requestHeaders.hasHeader(b"if-none-match"):
+            from dache.web.keyspace import not_modified  # (it builds on this module)
+
+            if not_modified(request, entry.revision):
+                return b""
         request.setHeader(b"content-type", JSON)
         request.setHeader(b"etag", etag(entry.revision))
         return entry.body
@@ -304,4 +307,4 @@ DacheAPI.app.url_map.merge_slashes = False
 DacheAPI.app.url_map.strict_slashes = False
 
 # Modules declaring more routes on DacheAPI.app (see the top of this module).
-ROUTE_MODULES: tuple[str, ...] = ()
+ROUTE_MODULES: tuple[str, ...] = ("dache.web.keyspace",)
