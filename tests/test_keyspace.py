@@ -316,6 +316,7 @@ async def test_a_multi_get_never_touches_the_engine_and_works_while_it_is_down()
         ({"value": 1}, "key must not be empty"),
         ({"ops": [{"op": "get", "key": "k"}, "get k"]}, "ops[1]: an op must be an object"),
         ({"ops": [{"op": "drop", "key": "k"}]}, 'ops[0]: "op" must be one of'),
+        ({"ops": [{"op": {"not": "a name"}, "key": "k"}]}, 'ops[0]: "op" must be one of'),
         ({"ops": [{"op": "get"}]}, 'ops[0]: "key" must be a string'),
         ({"ops": [{"op": "get", "key": ""}]}, "ops[0]: key must not be empty"),
         ({"ops": [{"op": "get", "key": "a\x00"}]}, "ops[0]: key must not contain a NUL"),
@@ -364,6 +365,20 @@ async def test_patch_touches_only_the_expiry():
     status, _, answer = await call(node, "PATCH", key_url("k"), {"ttl": 30})
     assert status == 404 and answer == {"error": "key not found"}
     assert node.cache.get("k", node.clock.seconds()) is None  # a touch never creates
+
+
+@pytest_twisted.ensureDeferred
+async def test_patch_with_an_expiry_in_the_past_deletes_a_key_but_not_an_absent_one():
+    node = MemoryNode()
+    past = node.clock.seconds() - 1
+    await fill(node, ["k"])
+    assert (await call(node, "PATCH", key_url("k"), {"expiry": past}))[0] == 204
+    assert (await call(node, "GET", key_url("k")))[0] == 404
+    revision = node.committer.revision
+    # An absent key incremented and expired at once: nothing was there, nothing is.
+    status, _, answer = await call(node, "PATCH", key_url("k"), {"increment": 1, "expiry": past})
+    assert (status, answer) == (404, {"error": "key not found"})
+    assert node.committer.revision == revision  # nothing was written
 
 
 @pytest_twisted.ensureDeferred
@@ -450,3 +465,20 @@ async def test_if_none_match_answers_304_with_the_etag_while_unchanged():
     status, etag, body = await call(node, "GET", key_url("k"), if_none_match='"1"')
     assert (status, etag, body) == (200, '"2"', {"key": "k", "value": 2})
     assert (await call(node, "GET", key_url("k"), if_none_match="1"))[0] == 400
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_batch_stores_each_value_as_sent_like_a_single_post():
+    node = MemoryNode()
+    digits = "7" * 5000  # past int()'s digit limit: still a number, kept exact
+    texts = ["1e-400", "-0", "1.10", digits, '{"a" : [1, 2.50]}', '"\\u00e9"']
+    ops = ", ".join(
+        f'{{"op": "set", "key": "k{i}", "value": {text}}}' for i, text in enumerate(texts)
+    )
+    response = await node.http.request("POST", batch_url(), data=f'{{"ops": [{ops}]}}'.encode())
+    assert response.code == 200, await response.content()
+    for i, text in enumerate(texts):
+        assert node.cache.get(f"k{i}", node.clock.seconds()).value_json == text.encode()
+    bad = b'{"ops": [{"op": "increment", "key": "n", "by": ' + digits.encode() + b"}]}"
+    response = await node.http.request("POST", batch_url(), data=bad)
+    assert response.code == 400  # a by past the digit limit: refused, never a 500

@@ -62,6 +62,8 @@ class Update:
         if self.expiry != KEEP:
             expiry = self.expiry  # type: ignore[assignment]
         if expiry is not None and expiry <= now:
+            if state is None:  # nothing there, and nothing would be: not a delete
+                raise KeyAbsent("key not found")
             return None
         return value_json, expiry
 

@@ -7,7 +7,6 @@ here raises APIError (400) and changes nothing.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from twisted.web.iweb import IRequest
@@ -17,6 +16,7 @@ from dache.engines.decide import KEEP, Update
 from dache.rendering import render_json
 from dache.web.answer import APIError
 from dache.web.api import MAX_EXPIRY, _number
+from dache.web.json_text import BadJSON, NotAnObject, array_items, decode, object_members
 
 MAX_OPS = 1000
 MAX_LIMIT = 1000
@@ -96,20 +96,19 @@ def parse_prefix_delete(request: IRequest) -> str:
     return prefix
 
 
-def _no_constant(name: str) -> None:
-    raise APIError(400, f"body is not valid JSON: {name} is not a JSON number")
+def _text(body: bytes) -> str:
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise APIError(400, "body is not valid UTF-8")
 
 
 def parse_document(body: bytes, shape: str) -> dict[str, Any]:
     """A body that must be a JSON object (shape: how it should look, for the error)."""
     try:
-        document = json.loads(body.decode("utf-8"), parse_constant=_no_constant)
-    except UnicodeDecodeError:
-        raise APIError(400, "body is not valid UTF-8")
-    except json.JSONDecodeError as e:
+        document = decode(_text(body))
+    except BadJSON as e:
         raise APIError(400, f"body is not valid JSON: {e}")
-    except RecursionError:
-        raise APIError(400, "body is not valid JSON: nested too deeply")
     if not isinstance(document, dict):
         raise APIError(400, f"body must be a JSON object like {shape}")
     return document
@@ -196,12 +195,15 @@ def _preconditions(op: dict[str, Any], change: Change, where: str) -> None:
         change.if_none_match = ANY
 
 
-def parse_op(op: Any, index: int, max_key_bytes: int, now: float) -> Change:
+def parse_op(
+    op: Any, index: int, max_key_bytes: int, now: float, value_json: bytes | None = None
+) -> Change:
+    """One op of a batch; value_json: a set's value as sent (else it is rendered)."""
     where = f"ops[{index}]: "
     if not isinstance(op, dict):
         raise APIError(400, f'{where}an op must be an object like {{"op": "get", "key": "k"}}')
     kind = op.get("op")
-    if kind not in OP_FIELDS:
+    if not isinstance(kind, str) or kind not in OP_FIELDS:
         raise APIError(400, f'{where}"op" must be one of ' + ", ".join(OP_FIELDS))
     _known(op, OP_FIELDS[kind], where)
     key = check_key(op.get("key"), max_key_bytes, where)
@@ -212,10 +214,12 @@ def parse_op(op: Any, index: int, max_key_bytes: int, now: float) -> Change:
     elif kind == "set":
         if "value" not in op:
             raise APIError(400, f'{where}a set needs a "value"')
-        try:
-            value_json = render_json(op["value"])
-        except (ValueError, RecursionError) as e:
-            raise APIError(400, f'{where}"value" {e}')
+        if value_json is None or b"\\u" in value_json:
+            try:  # (a lone surrogate escape is valid JSON but not Unicode)
+                rendered = render_json(op["value"])
+            except (ValueError, RecursionError) as e:
+                raise APIError(400, f'{where}"value" {e}')
+            value_json = rendered if value_json is None else value_json
         expiry = parse_expiry(op, now, where)
         expiry = None if expiry == KEEP else expiry
         if expiry is not None and expiry <= now:  # as POST: an expiry in the past deletes
@@ -236,13 +240,30 @@ def parse_op(op: Any, index: int, max_key_bytes: int, now: float) -> Change:
 
 
 def parse_batch(body: bytes, max_key_bytes: int, now: float) -> list[Change]:
-    document = parse_document(body, '{"ops": [{"op": "get", "key": "k"}]}')
-    if "value" in document:  # a set sent without its key
+    """
+    POST /dache {"ops": [...]}. A set's value is kept as the JSON text the
+    client sent, as for POST /dache/<key> (see dache.web.json_text).
+    """
+    text = _text(body)
+    try:
+        members = object_members(text)
+    except NotAnObject:
+        raise APIError(400, 'body must be a JSON object like {"ops": [{"op": "get", "key": "k"}]}')
+    except BadJSON as e:
+        raise APIError(400, f"body is not valid JSON: {e}")
+    if "value" in members:  # a set sent without its key
         raise APIError(400, "key must not be empty: set a key at /dache/<key>")
-    _known(document, ("ops",), "")
-    ops = document.get("ops")
+    _known(members, ("ops",), "")
+    ops, start, _ = members.get("ops", (None, 0, 0))
     if not isinstance(ops, list) or not ops:
         raise APIError(400, 'body must have "ops": a non-empty list of ops')
     if len(ops) > MAX_OPS:
         raise APIError(400, f"a batch has at most {MAX_OPS} ops; this one has {len(ops)}")
-    return [parse_op(op, i, max_key_bytes, now) for i, op in enumerate(ops)]
+    changes = []
+    for i, (op, op_start, op_end) in enumerate(array_items(text, start)):
+        value_json = None
+        if isinstance(op, dict) and "value" in op:
+            _, value_start, value_end = object_members(text[op_start:op_end])["value"]
+            value_json = text[op_start + value_start : op_start + value_end].encode("utf-8")
+        changes.append(parse_op(op, i, max_key_bytes, now, value_json))
+    return changes
