@@ -15,7 +15,7 @@ from dache.engines import ANY, GET, UPDATE, Change
 from dache.engines.decide import KEEP, Update
 from dache.rendering import render_json
 from dache.web.answer import APIError
-from dache.web.api import MAX_EXPIRY, _number
+from dache.web.api import MAX_EXPIRY, MAX_TTL, _number
 from dache.web.json_text import BadJSON, NotAnObject, array_items, decode, object_members
 
 MAX_OPS = 1000
@@ -130,6 +130,8 @@ def parse_expiry(document: dict[str, Any], now: float, where: str = "") -> float
         ttl = _number(f"{where}ttl", document["ttl"])
         if ttl <= 0:
             raise APIError(400, f'{where}"ttl" must be a positive number of seconds')
+        if ttl > MAX_TTL:
+            raise APIError(400, f'{where}"ttl" must be at most {MAX_TTL} seconds')
         if now + ttl > MAX_EXPIRY:
             raise APIError(400, f'{where}"ttl" reaches past 9999-12-31T23:59:59Z')
         return now + ttl
