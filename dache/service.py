@@ -125,6 +125,7 @@ class DacheService(service.Service):
             yield self.engine.load(self._apply_loaded)
             self.cache.expire(reactor.seconds())
             self._loading.finished()  # over MAX_MEMORY with noeviction: StartupError
+            self.cache.index()  # one sort now, so the first list by prefix is fast
         finally:
             gcpolicy.settle()
         load_seconds = time.monotonic() - began

@@ -302,7 +302,8 @@ def test_overwrites_in_one_batch_are_projected_in_order():
             refused.append(failure.value)
 
     waiters = [Waiter() for _ in changes]
-    kept, kept_waiters = bound.admit(changes, waiters, answered=False)
+    kept, kept_waiters, changed = bound.admit(changes, waiters, answered=False)
+    assert changed
     assert [c.key for c in kept] == ["k0", "k1", "k2", "k0"]  # k3 refused
     assert len(refused) == 1 and len(kept_waiters) == 4
     yield None
@@ -335,3 +336,44 @@ def test_health_and_metrics_report_used_limit_evictions_and_refusals():
     assert evicted > 0
     assert f'dache_evicted_keys_total{{policy="allkeys-lru"}} {float(evicted)}' in text
     assert 'dache_writes_refused_total{reason="memory"} 1.0' in text
+
+
+# -- atomic batches (POST /dache) and PATCH
+
+
+@inlineCallbacks
+def post_batch(node: MemoryNode, ops: list[dict]):  # type: ignore[no-untyped-def]
+    response = yield node.http.post("http://dache.test/dache", json={"ops": ops})
+    body = yield response.content()
+    return response.code, json.loads(body)
+
+
+@inlineCallbacks
+def test_a_batch_that_does_not_fit_is_refused_whole_with_noeviction():
+    node = node_with("noeviction")
+    yield fill(node, 15)
+    ops = [{"op": "set", "key": f"b{i}", "value": VALUE} for i in range(10)]
+    code, body = yield post_batch(node, ops)
+    assert code == 507 and "MAX_MEMORY" in body["error"]
+    assert not any(f"b{i}" in node.cache for i in range(10))
+    code, body = yield post_batch(node, ops[:2])  # what fits goes through
+    assert code == 200, body
+    assert "b0" in node.cache and "b1" in node.cache
+
+
+@inlineCallbacks
+def test_a_batch_is_made_room_for_before_it_with_consecutive_revisions():
+    engine = RecordingEngine()
+    node = node_with("allkeys-lru", engine=engine)
+    yield fill(node, 19)
+    ops = [{"op": "set", "key": f"b{i}", "value": VALUE} for i in range(5)]
+    code, body = yield post_batch(node, ops)
+    assert code == 200, body
+    assert all(f"b{i}" in node.cache for i in range(5))
+    assert node.cache.used <= LIMIT
+    last = engine.batches[-1]
+    assert [kind for kind, _ in last[-5:]] == [SET] * 5
+    assert {kind for kind, _ in last[:-5]} == {DELETE} and len(last) > 5
+    revisions = body["results"]
+    assert revisions == list(range(revisions[0], revisions[0] + 5))
+    assert revisions[-1] == node.committer.revision

@@ -37,7 +37,7 @@ from typing import Any
 from twisted.internet.defer import DeferredList, inlineCallbacks
 from twisted.python.failure import Failure
 
-from dache.engines import SET, Change
+from dache.engines import DELETE, SET, Change
 from dache.errors import StartupError
 from dache.rendering import render_json, render_key
 from dache.store.cache import ENTRY_OVERHEAD, Cache, Entry
@@ -279,11 +279,16 @@ class MemoryBound:
             "or raise MAX_MEMORY"
         )
 
-    def admit(self, changes: list[Any], waiters: list[Any], answered: bool) -> tuple[list, list]:
+    def admit(
+        self, changes: list[Any], waiters: list[Any], answered: bool
+    ) -> tuple[list[Any], list[Any], bool]:
         """
-        The batch that fits: changes (and their waiters) that grow the cache
-        past the limit are refused (waiter.errback(OutOfMemory)) or made room
-        for, by eviction deletes appended to the batch.
+        The batch that fits: a set (or an atomic group, all of it) that grows
+        the cache past the limit is refused (waiter.errback(OutOfMemory)) or
+        made room for by eviction deletes, placed just before it so that a
+        replay of the batch (the disk engine's log) never holds more than the
+        limit either. Answers the changes, their waiters, and whether that
+        differs from what was given.
         """
         cache, limit = self.cache, self.limit
         used = cache.used
@@ -292,46 +297,61 @@ class MemoryBound:
         projected: dict[str, int] = {}  # key -> its cost after the earlier changes here
         kept_changes: list[Any] = []
         kept_waiters: list[Any] = []
-        for change, waiter in zip(changes, waiters, strict=True):
-            key = change.key
-            if key in projected:
-                old = projected[key]
-            else:
-                entry = cache.peek(key)
-                old = 0 if entry is None else cache.entry_cost(key, entry)
-            new = 0
-            if change.kind == SET:
-                expiry = change.expiry
-                length = body_length(
-                    len(render_key(key)),
-                    len(change.value_json),
-                    None if expiry is None else len(render_json(expiry)),
-                )
-                new = cache.cost(key, length, expiry is not None)
-            growth = new - old
+        changed = False
+        i = 0
+        while i < len(changes):
+            group = getattr(changes[i], "group", None)
+            size = len(group.changes) if group is not None else 1
+            unit = range(i, i + size)
+            i += size
+            growth, largest, after = 0, 0, {}
+            for j in unit:
+                change = changes[j]
+                if change.kind not in (SET, DELETE):
+                    continue  # a GET in a group takes no room
+                key = change.key
+                old = after.get(key, projected.get(key))
+                if old is None:
+                    entry = cache.peek(key)
+                    old = 0 if entry is None else cache.entry_cost(key, entry)
+                new = self._cost(change) if change.kind == SET else 0
+                growth += new - old
+                largest = max(largest, new)
+                after[key] = new
             if growth > 0 and used + growth > limit:
                 room = []
-                if self.evicts and new <= limit:
+                if self.evicts and largest <= limit:
                     room = self.make_room(
-                        used + growth - limit,
-                        lambda k: k in in_batch or k in taken,
+                        used + growth - limit, lambda k: k in in_batch or k in taken
                     )
                 if not room:
+                    changed = True
+                    refusal = self.refusal(largest, used + growth - limit)
                     if not answered:
-                        waiter.errback(Failure(self.refusal(new, used + growth - limit)))
+                        for j in unit:
+                            waiters[j].errback(Failure(refusal))
                     continue
-                # The deletes go just before the write: replaying the batch
-                # (the disk engine's log) never holds more than the limit.
+                changed = True
                 for victim, cost in room:
                     taken.add(victim)
                     kept_changes.append(Change.delete(victim))
                     kept_waiters.append(self._waiter)
                     used -= cost
             used += growth
-            projected[key] = new
-            kept_changes.append(change)
-            kept_waiters.append(waiter)
-        return kept_changes, kept_waiters
+            projected.update(after)
+            for j in unit:
+                kept_changes.append(changes[j])
+                kept_waiters.append(waiters[j])
+        return kept_changes, kept_waiters, changed
+
+    def _cost(self, change: Any) -> int:
+        expiry = change.expiry
+        length = body_length(
+            len(render_key(change.key)),
+            len(change.value_json),
+            None if expiry is None else len(render_json(expiry)),
+        )
+        return self.cache.cost(change.key, length, expiry is not None)
 
     # -- over the limit without a write asking (other nodes' changes)
 
