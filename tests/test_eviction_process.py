@@ -55,18 +55,38 @@ def engine_env(engine, tmp_path, request):
     return dict(database.env)
 
 
-@pytest.mark.parametrize("engine", ["disk", "postgres"])
+EVICTING = [
+    "allkeys-lru",
+    "allkeys-lfu",
+    "allkeys-random",
+    "volatile-lru",
+    "volatile-lfu",
+    "volatile-random",
+    "volatile-ttl",
+]
+
+
+@pytest.mark.parametrize(
+    "engine, policy",
+    [("disk", policy) for policy in EVICTING] + [("postgres", "allkeys-lru")],
+)
 def test_evicted_keys_stay_gone_after_kill_9_and_the_rest_stays(
-    dache_process, tmp_path, request, engine
+    dache_process, tmp_path, request, engine, policy
 ):
     env = engine_env(engine, tmp_path, request)
-    bounded = {**env, "MAX_MEMORY": "256kb", "EVICTION_POLICY": "allkeys-lru"}
+    bounded = {**env, "MAX_MEMORY": "256kb", "EVICTION_POLICY": policy}
     node = start(dache_process, bounded)
     keys = [f"key-{i:04d}" for i in range(400)]
-    for key in keys:
-        assert node.set(key, VALUE) == 204  # each write makes its own room
+    volatile = policy.startswith("volatile")
+    for number, key in enumerate(keys):
+        # Every key volatile, the later ones expiring later (volatile-ttl evicts the first).
+        fields = {"ttl": 3600 + number} if volatile else {}
+        assert node.set(key, VALUE, **fields) == 204  # each write makes its own room
     kept = present(node, keys)
     assert 100 < len(kept) < 250
+    assert keys[-1] in kept
+    if policy == "volatile-ttl":
+        assert min(kept) > keys[100]
     assert memory_used(node) <= LIMIT
     node.kill()  # SIGKILL: nothing is flushed on the way out
 
@@ -74,6 +94,19 @@ def test_evicted_keys_stay_gone_after_kill_9_and_the_rest_stays(
     assert present(restarted, keys) == kept  # no evicted key back, no kept key lost
     if engine == "postgres":
         assert set(request.getfixturevalue("pg").rows()) == kept
+
+
+def test_noeviction_refuses_with_507_and_keeps_everything_across_kill_9(dache_process, tmp_path):
+    env = {"DURABILITY_ENGINE": "disk", "DISK_PATH": str(tmp_path / "data"), "MAX_MEMORY": "256kb"}
+    node = start(dache_process, env)
+    keys = [f"key-{i:04d}" for i in range(300)]
+    acknowledged = [key for key in keys if node.set(key, VALUE) == 204]
+    assert 100 < len(acknowledged) < 250
+    status, _, body = node.request("POST", "/dache/one-more", json.dumps({"value": VALUE}).encode())
+    assert status == 507 and "MAX_MEMORY" in json.loads(body)["error"]
+    assert present(node, keys) == set(acknowledged)
+    node.kill()
+    assert present(start(dache_process, env), keys) == set(acknowledged)
 
 
 def test_start_up_over_the_bound_refuses_with_noeviction_and_evicts_otherwise(
