@@ -31,7 +31,7 @@ allocates nothing:
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import DeferredList, inlineCallbacks
@@ -52,7 +52,7 @@ POLICIES = (
     "volatile-random",
     "volatile-ttl",
 )
-SAMPLES = 16  # keys sampled per victim (Redis: maxmemory-samples, 5 with a pool)
+SAMPLES = 8  # keys sampled per victim (Redis: maxmemory-samples 5, with a pool of 16)
 GIVE_UP_AFTER = 64  # samples in a row that found no candidate
 SAMPLE_SLOT = 8  # allkeys-*: a key's pointer in Cache.sample_keys
 LFU_INIT = 5  # a new key's counter (Redis's LFU_INIT_VAL)
@@ -184,34 +184,34 @@ class MemoryBound:
 
     # -- choosing victims
 
-    def _sample(self) -> Iterator[tuple[str, Entry]]:
-        cache, entries, randrange = self.cache, self.cache._entries, self.random.randrange
+    def _sample(self) -> list[tuple[str, Entry]]:
+        """Up to `samples` random live (key, entry) pairs of the policy's population."""
+        cache, entries_get, rand = self.cache, self.cache._entries.get, self.random.random
+        found = []
         if self.volatile:
             heap = cache._expiries  # (expiry, key); stale items are skipped
-            for _ in range(self.samples):
-                if not heap:
-                    return
-                expiry, key = heap[randrange(len(heap))]
-                entry = entries.get(key)
-                if entry is not None and entry.expiry == expiry:
-                    yield key, entry
-            return
+            if heap:
+                for _ in range(self.samples):
+                    expiry, key = heap[int(rand() * len(heap))]
+                    entry = entries_get(key)
+                    if entry is not None and entry.expiry == expiry:
+                        found.append((key, entry))
+            return found
         keys = cache.sample_keys
-        if keys is None:
-            keys = cache.sample_keys = list(entries)
-        if len(keys) > 2 * len(entries) + 1024:  # deleted keys and duplicates piled up
-            keys = cache.sample_keys = list(entries)
+        if keys is None or len(keys) > 2 * len(cache) + 1024:  # deleted keys piled up
+            keys = cache.sample_keys = list(cache._entries)
         for _ in range(self.samples):
             if not keys:
-                return
-            i = randrange(len(keys))
+                break
+            i = int(rand() * len(keys))
             key = keys[i]
-            entry = entries.get(key)
+            entry = entries_get(key)
             if entry is None:  # deleted since: drop it from the list
                 keys[i] = keys[-1]
                 keys.pop()
                 continue
-            yield key, entry
+            found.append((key, entry))
+        return found
 
     def _score(self, entry: Entry) -> float:
         """Lower is evicted first."""
@@ -236,17 +236,20 @@ class MemoryBound:
         chosen: dict[str, int] = {}
         freed = 0
         misses = 0
+        score_of = self._score
+        random_pick = self.kind == "random"
         while freed < needed:
             best: tuple[str, Entry] | None = None
             best_score = 0.0
             for key, entry in self._sample():
                 if key in chosen or protected(key):
                     continue
-                score = self._score(entry)
+                if random_pick:
+                    best = key, entry
+                    break
+                score = score_of(entry)
                 if best is None or score < best_score:
                     best, best_score = (key, entry), score
-                    if self.kind == "random":
-                        break
             if best is None:
                 misses += 1
                 if misses >= GIVE_UP_AFTER:
@@ -345,9 +348,11 @@ class MemoryBound:
         return kept_changes, kept_waiters, changed
 
     def _cost(self, change: Any) -> int:
-        expiry = change.expiry
+        key, expiry = change.key, change.expiry
+        # A plain ASCII key renders as itself in quotes; others as JSON escapes them.
+        plain = key.isascii() and key.isprintable() and '"' not in key and "\\" not in key
         length = body_length(
-            len(render_key(change.key)),
+            len(key) + 2 if plain else len(render_key(key)),
             len(change.value_json),
             None if expiry is None else len(render_json(expiry)),
         )
