@@ -85,8 +85,8 @@ def test_evicted_keys_stay_gone_after_kill_9_and_the_rest_stays(
     kept = present(node, keys)
     assert 100 < len(kept) < 250
     assert keys[-1] in kept
-    if policy == "volatile-ttl":
-        assert min(kept) > keys[100]
+    if policy == "volatile-ttl":  # the soonest-expiring went
+        assert min(kept) > keys[150], sorted(kept)
     assert memory_used(node) <= LIMIT
     node.kill()  # SIGKILL: nothing is flushed on the way out
 

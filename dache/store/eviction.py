@@ -30,6 +30,7 @@ allocates nothing:
 
 from __future__ import annotations
 
+import heapq
 import random
 from collections.abc import Callable
 from typing import Any
@@ -75,6 +76,11 @@ class _Evicted:
 
     def errback(self, failure: Failure) -> None:
         self.bound.pending_evictions = 0  # the batch failed: the keys are still there
+
+
+def _stale(item: tuple[float, str], entries_get: Callable[[str], Entry | None]) -> bool:
+    entry = entries_get(item[1])
+    return entry is None or entry.expiry != item[0]
 
 
 def body_length(key_json_length: int, value_length: int, expiry_json_length: int | None) -> int:
@@ -190,6 +196,18 @@ class MemoryBound:
         found = []
         if self.volatile:
             heap = cache._expiries  # (expiry, key); stale items are skipped
+            if len(heap) > 2 * cache.with_expiry + 64:  # evicted keys' items piled up
+                cache._rebuild_heap()
+                heap = cache._expiries
+            if self.kind == "ttl":
+                # Better than a sample: the heap's top holds the soonest expiries.
+                while heap and _stale(heap[0], entries_get):
+                    heapq.heappop(heap)
+                for expiry, key in heap[: 2 * self.samples]:
+                    entry = entries_get(key)
+                    if entry is not None and entry.expiry == expiry:
+                        found.append((key, entry))
+                return found
             if heap:
                 for _ in range(self.samples):
                     expiry, key = heap[int(rand() * len(heap))]
