@@ -163,6 +163,7 @@ class DacheService(service.Service):
             metrics=self.metrics,
             access=Access.from_config(config),
         )
+        self.api.ui_enabled = config.ui  # the web console at /ui (dache.web.ui)
         self.watchers = attach_watch(
             self.api,
             self.committer,

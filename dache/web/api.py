@@ -41,6 +41,7 @@ from dache.engines import ANY, Change, EngineUnavailable, PreconditionFailed
 from dache.rendering import render_json
 from dache.store.cache import Cache
 from dache.store.committer import Committer
+from dache.web import ui
 from dache.web.answer import JSON, APIError, error
 from dache.web.health import HealthMonitor
 from dache.web.health import respond as health_response
@@ -288,6 +289,21 @@ class DacheAPI:
             request.setHeader(b"retry-after", b"1")
             return error(request, 503, str(failure.value))
         return self.unexpected(request, failure)
+
+    # -- the web console (dache.web.ui); UI=false: 404
+
+    ui_enabled = True
+
+    @app.route("/ui", methods=["GET", "HEAD"])
+    @app.route("/ui/", methods=["GET", "HEAD"])
+    @app.route("/ui/<name>", methods=["GET", "HEAD"])
+    def console(self, request: IRequest, name: str = "") -> bytes:
+        body = ui.answer(request) if self.ui_enabled else None
+        if body is None:
+            raise APIError(
+                404, "no such file" if self.ui_enabled else "the web console is off (UI)"
+            )
+        return body
 
     def unexpected(self, request: IRequest, failure: Failure) -> bytes:
         """A bug: logged here, a bare 500 for the client."""

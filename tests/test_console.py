@@ -1,0 +1,211 @@
+"""
+The web console (/ui) in a real headless Chromium (Debian's chromium and
+chromium-driver, installed with apt-get by tests/debian.py when missing) against
+a live `twistd dache` with access control: the token prompt, create, edit with
+a conflicting concurrent write (the conflict is shown, nothing overwritten),
+live updates without a reload, delete, and browsing pages by prefix.
+
+CONSOLE_SCREENSHOTS=<dir> saves the main views there (docs/ holds the README's).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from selenium import webdriver
+from selenium.common.exceptions import TimeoutException
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support import expected_conditions as ec
+from selenium.webdriver.support.ui import WebDriverWait
+
+from tests import debian
+from tests.process import DacheProcess
+from tests.test_ctl import keyspace
+
+TOKEN = "console-test-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+WAIT = 30  # seconds: the machine is shared
+
+
+@pytest.fixture(scope="module")
+def node():
+    process = DacheProcess({"DURABILITY_ENGINE": "memory", "AUTH_TOKEN": TOKEN}).start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    debian.ensure("chromium", lambda: shutil.which("chromium") is not None)
+    debian.ensure("chromium-driver", lambda: shutil.which("chromedriver") is not None)
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    profile = tempfile.mkdtemp(prefix="dache-chromium-")
+    for flag in (
+        "--headless",
+        "--no-sandbox",  # the suite runs as root
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={profile}",
+        "--window-size=1200,800",
+    ):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=Service("/usr/bin/chromedriver"))
+    yield driver
+    driver.quit()
+    shutil.rmtree(profile, ignore_errors=True)
+
+
+def put(node, key, value, **fields):
+    body = json.dumps({"value": value, **fields}).encode()
+    status, headers, _ = node.request("PUT", "/dache/" + key, body, AUTH)
+    assert status == 204
+    return headers["ETag"]
+
+
+def stored(node, key):
+    status, _, body = node.request("GET", "/dache/" + key, headers=AUTH)
+    return status, (json.loads(body)["value"] if status == 200 else None)
+
+
+def visible(driver, element_id):
+    return WebDriverWait(driver, WAIT).until(ec.visibility_of_element_located((By.ID, element_id)))
+
+
+def text_in(driver, element_id, text):
+    try:
+        WebDriverWait(driver, WAIT).until(
+            ec.text_to_be_present_in_element((By.ID, element_id), text)
+        )
+    except TimeoutException:
+        shown = driver.find_element(By.ID, element_id).text
+        logs = driver.get_log("browser")
+        raise AssertionError(f"#{element_id} shows {shown!r}, not {text!r}; console: {logs}")
+
+
+def typed(driver, element_id, text):
+    field = driver.find_element(By.ID, element_id)
+    field.clear()
+    field.send_keys(text)
+
+
+def screenshot(driver, name, tmp_path):
+    folder = Path(os.environ.get("CONSOLE_SCREENSHOTS") or tmp_path)
+    driver.save_screenshot(str(folder / f"console-{name}.png"))
+
+
+def test_token_create_conflict_live_update_delete(browser, node, tmp_path):
+    put(node, "console/seen", {"hello": "world"})
+    browser.get(f"http://127.0.0.1:{node.port}/ui")  # redirected to /ui/
+    visible(browser, "token-panel")
+    assert browser.execute_script("return sessionStorage.getItem('dacheToken')") is None
+    typed(browser, "token", TOKEN)
+    browser.find_element(By.CSS_SELECTOR, "#token-form button").click()
+    text_in(browser, "health", "pass")
+    text_in(browser, "live", "live: watch")  # following the watch stream, not polling
+    assert browser.execute_script("return sessionStorage.getItem('dacheToken')") == TOKEN
+    assert browser.execute_script("return localStorage.length") == 0
+    assert not browser.get_cookies()
+
+    # create, with a ttl: the entry view shows it pretty-printed, its ETag and the countdown
+    browser.find_element(By.ID, "new-key").click()
+    visible(browser, "editor")
+    typed(browser, "editor-key", "console/ada")
+    typed(browser, "editor-value", '{"name": "Ada", "langs": ["en", "fr"]}')
+    typed(browser, "editor-ttl", "3600")
+    browser.find_element(By.CSS_SELECTOR, "#editor-form button[type=submit]").click()
+    text_in(browser, "message", 'saved "console/ada"')
+    assert stored(node, "console/ada") == (200, {"name": "Ada", "langs": ["en", "fr"]})
+    value = browser.find_element(By.ID, "entry-value").text
+    assert json.loads(value) == {"name": "Ada", "langs": ["en", "fr"]} and "\n" in value
+    expiry = browser.find_element(By.ID, "entry-expiry").text
+    assert "UTC" in expiry and "(in 59m" in expiry or "(in 1h" in expiry
+    assert browser.find_element(By.ID, "entry-etag").text.startswith('"')
+    text_in(browser, "metrics-text", "entries")
+    screenshot(browser, "entry", tmp_path)
+
+    # edit while someone else writes: the conflict is shown, nothing overwritten
+    browser.find_element(By.ID, "edit").click()
+    visible(browser, "editor")
+    put(node, "console/ada", {"name": "Ada Lovelace"})
+    typed(browser, "editor-value", '{"name": "mine"}')
+    browser.find_element(By.CSS_SELECTOR, "#editor-form button[type=submit]").click()
+    visible(browser, "conflict")
+    text_in(browser, "conflict-value", "Ada Lovelace")
+    assert stored(node, "console/ada") == (200, {"name": "Ada Lovelace"})
+    screenshot(browser, "conflict", tmp_path)
+    browser.find_element(By.ID, "conflict-overwrite").click()
+    text_in(browser, "message", "saved")
+    assert stored(node, "console/ada") == (200, {"name": "mine"})
+
+    # a change made elsewhere appears without a reload
+    marker = browser.execute_script("window.notReloaded = true; return 1")
+    put(node, "console/ada", {"name": "changed elsewhere"})
+    text_in(browser, "entry-value", "changed elsewhere")
+    assert browser.execute_script("return window.notReloaded") is True and marker == 1
+
+    # delete (with If-Match), after confirming
+    browser.find_element(By.ID, "delete").click()
+    WebDriverWait(browser, WAIT).until(ec.alert_is_present()).accept()
+    text_in(browser, "message", 'deleted "console/ada"')
+    assert stored(node, "console/ada") == (404, None)
+    assert stored(node, "console/seen")[0] == 200
+
+
+def test_the_console_needs_no_token_and_ui_false_turns_it_off(node, dache_process):
+    status, headers, body = node.request("GET", "/ui/")
+    assert status == 200 and headers["Content-Type"].startswith("text/html")
+    assert "default-src 'self'" in headers["Content-Security-Policy"]
+    assert b'<script src="app.js"></script>' in body
+    assert node.request("GET", "/ui/app.js")[0] == 200
+    put(node, "secret", "data")
+    status, _, body = node.request("GET", "/ui/../dache/secret")
+    assert status == 404 and b"data" not in body  # not a way around the token
+    status, _, body = node.request("GET", "/ui/nothing.js")
+    assert status == 404 and json.loads(body) == {"error": "no such file"}
+    off = dache_process(env={"DURABILITY_ENGINE": "memory"}, args=["--ui", "false"])
+    status, _, body = off.request("GET", "/ui/")
+    assert status == 404 and "UI" in json.loads(body)["error"]
+
+
+@keyspace
+def test_browse_by_prefix_with_paging(browser, node, tmp_path):
+    for i in range(45):
+        put(node, f"shop/item{i:02d}", {"price": i, "name": f"item {i}"})
+    put(node, "shopping", 1)
+    browser.get(f"http://127.0.0.1:{node.port}/ui/")  # the token is kept for the tab
+    text_in(browser, "health", "pass")
+    typed(browser, "prefix", "shop/")
+    browser.find_element(By.CSS_SELECTOR, "#prefix-form button[type=submit]").click()
+
+    def keys():
+        rows = browser.find_elements(By.CSS_SELECTOR, "#keys tbody tr")
+        return [row.get_attribute("data-key") for row in rows]
+
+    WebDriverWait(browser, WAIT).until(lambda _: keys()[:1] == ["shop/item00"])
+    assert keys() == [f"shop/item{i:02d}" for i in range(20)]
+    screenshot(browser, "browse", tmp_path)
+    browser.find_element(By.ID, "next").click()
+    WebDriverWait(browser, WAIT).until(lambda _: keys()[:1] == ["shop/item20"])
+    browser.find_element(By.ID, "next").click()
+    WebDriverWait(browser, WAIT).until(lambda _: keys() == [f"shop/item{i}" for i in range(40, 45)])
+    assert browser.find_element(By.ID, "next").get_attribute("disabled") is not None
+    browser.find_element(By.ID, "prev").click()
+    WebDriverWait(browser, WAIT).until(lambda _: keys()[:1] == ["shop/item20"])
+    # a new key on this page appears without a reload
+    put(node, "shop/item20a", "new")
+    WebDriverWait(browser, WAIT).until(lambda _: "shop/item20a" in keys())
+    deadline = time.monotonic() + WAIT
+    while browser.find_elements(By.CSS_SELECTOR, "#keys tbody tr")[0].text == "":
+        assert time.monotonic() < deadline
