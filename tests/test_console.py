@@ -133,6 +133,7 @@ def test_token_create_conflict_live_update_delete(browser, node, tmp_path):
     assert "UTC" in expiry and "(in 59m" in expiry or "(in 1h" in expiry
     assert browser.find_element(By.ID, "entry-etag").text.startswith('"')
     text_in(browser, "metrics-text", "entries")
+    text_in(browser, "metrics-text", "MiB (no limit)")  # this node has no memory bound
     screenshot(browser, "entry", tmp_path)
 
     # edit while someone else writes: the conflict is shown, nothing overwritten

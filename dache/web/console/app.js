@@ -358,8 +358,9 @@ async function sample() {
   const point = {
     t: now,
     entries: metric(text, "dache_entries") ?? 0,
-    bytes: metric(text, "dache_bytes") ?? 0,
-    limit: metric(text, "dache_max_memory_bytes"),
+    // dache_memory_*: the memory bound's accounting; a node without it: dache_bytes, no limit
+    bytes: metric(text, "dache_memory_used_bytes") ?? metric(text, "dache_bytes") ?? 0,
+    limit: metric(text, "dache_memory_limit_bytes"), // absent or 0: no limit
     written: metric(text, "dache_commit_batch_size_sum") ?? 0,
   };
   const last = state.samples[state.samples.length - 1];
