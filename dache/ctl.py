@@ -12,9 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import ssl
 import sys
 from collections.abc import Iterable, Iterator
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 
 from tqdm import tqdm
 
@@ -36,6 +37,24 @@ IMPORT_BATCH = 500  # ops per batch request while importing (the server takes up
 
 class UsageError(Exception):
     pass
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with its usage errors as one line on stderr (exit 2) like every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(USAGE, f"dachectl: {message} (see {self.prog} --help)\n")
+
+
+def one_line(text: str) -> str:
+    """An error message on one line, whatever the server or the network said."""
+    return " ".join(str(text).split())
+
+
+def check_url(url: str) -> str:
+    if url.startswith(("http://", "https://")) or (url.startswith("unix:") and len(url) > 5):
+        return url
+    raise UsageError(f"--url {url!r}: expected http://..., https://... or unix:/path/to.sock")
 
 
 def exit_code(error: DacheError) -> int:
@@ -269,7 +288,7 @@ def global_options(defaults: bool) -> argparse.ArgumentParser:
     top-level parser holds defaults, so an option given after the command is
     not overwritten by the command's own (suppressed) default.
     """
-    g = argparse.ArgumentParser(add_help=False)
+    g = Parser(add_help=False)
 
     def default(value: Any) -> Any:
         return value if defaults else argparse.SUPPRESS
@@ -306,7 +325,7 @@ def global_options(defaults: bool) -> argparse.ArgumentParser:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="dachectl",
         parents=[global_options(defaults=True)],
         description="dache from the command line. Exit codes: 0 ok, 1 not found, "
@@ -398,17 +417,25 @@ def token(args: argparse.Namespace) -> str | None:
     return os.environ.get("DACHE_TOKEN") or None
 
 
+def connect(args: argparse.Namespace) -> Client:
+    url = check_url(args.url)
+    try:
+        return Client(url, token=token(args), ca=args.ca, timeout=args.timeout)
+    except (OSError, ssl.SSLError) as e:  # only the CA bundle is read here
+        raise UsageError(f"--ca {args.ca}: {e.strerror or e}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)  # exits 2 with argparse's usage line
     out = Output(args.output, sys.stdout)
     try:
-        with Client(args.url, token=token(args), ca=args.ca, timeout=args.timeout) as client:
+        with connect(args) as client:
             return int(args.func(client, args, out))
     except UsageError as e:
-        sys.stderr.write(f"dachectl: {e}\n")
+        sys.stderr.write(f"dachectl: {one_line(str(e))}\n")
         return USAGE
     except DacheError as e:
-        sys.stderr.write(f"dachectl: {e.message}\n")
+        sys.stderr.write(f"dachectl: {one_line(e.message)}\n")
         return exit_code(e)
     except KeyboardInterrupt:
         return 130

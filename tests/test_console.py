@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -132,7 +131,7 @@ def test_token_create_conflict_live_update_delete(browser, node, tmp_path):
     expiry = browser.find_element(By.ID, "entry-expiry").text
     assert "UTC" in expiry and "(in 59m" in expiry or "(in 1h" in expiry
     assert browser.find_element(By.ID, "entry-etag").text.startswith('"')
-    text_in(browser, "metrics-text", "entries")
+    text_in(browser, "metrics-text", "2 entries")  # sampled from /metrics every 2 s
     text_in(browser, "metrics-text", "MiB (no limit)")  # this node has no memory bound
     screenshot(browser, "entry", tmp_path)
 
@@ -190,9 +189,15 @@ def test_browse_by_prefix_with_paging(browser, node, tmp_path):
     typed(browser, "prefix", "shop/")
     browser.find_element(By.CSS_SELECTOR, "#prefix-form button[type=submit]").click()
 
+    def rows():
+        """(key, value shown, changed?) per row, read in one go (the list re-renders)."""
+        return browser.execute_script(
+            "return [...document.querySelectorAll('#keys tbody tr')].map((r) =>"
+            " [r.dataset.key, r.cells[1].textContent, r.classList.contains('changed')])"
+        )
+
     def keys():
-        rows = browser.find_elements(By.CSS_SELECTOR, "#keys tbody tr")
-        return [row.get_attribute("data-key") for row in rows]
+        return [row[0] for row in rows()]
 
     WebDriverWait(browser, WAIT).until(lambda _: keys()[:1] == ["shop/item00"])
     assert keys() == [f"shop/item{i:02d}" for i in range(20)]
@@ -207,6 +212,7 @@ def test_browse_by_prefix_with_paging(browser, node, tmp_path):
     # a new key on this page appears without a reload
     put(node, "shop/item20a", "new")
     WebDriverWait(browser, WAIT).until(lambda _: "shop/item20a" in keys())
-    deadline = time.monotonic() + WAIT
-    while browser.find_elements(By.CSS_SELECTOR, "#keys tbody tr")[0].text == "":
-        assert time.monotonic() < deadline
+    shown = {key: (value, changed) for key, value, changed in rows()}
+    assert shown["shop/item20a"] == ('"new"', True)  # marked as changed
+    assert shown["shop/item20"] == ('{"price":20,"name":"item 20"}', False)  # JSON.stringify
+    assert keys()[:2] == ["shop/item20", "shop/item20a"] and len(keys()) == 20

@@ -23,6 +23,7 @@ import pytest
 from dache import client as dc
 from dache import ctl
 from tests.process import DacheProcess
+from tests.terminal import run_in_terminal
 from tests.test_tls import certificate, tls_listen  # noqa: F401 (a fixture)
 
 DACHECTL = os.path.join(os.path.dirname(sys.executable), "dachectl")
@@ -158,11 +159,20 @@ def test_bad_input_from_the_server_exits_2(run):
     assert code == 2 and "400" in one_line(err)
 
 
-def test_usage_errors_exit_2(run):
-    assert run()[0] == 2
-    assert run("get")[0] == 2
-    assert run("frobnicate")[0] == 2
-    assert run("set", "k", "1", "--ttl", "5", "--expiry", "9")[0] == 2
+def test_usage_errors_exit_2_with_one_line(run, tmp_path):
+    for argv in [
+        (),
+        ("get",),
+        ("frobnicate",),
+        ("set", "k", "1", "--ttl", "5", "--expiry", "9"),
+        ("set", "k", "1", "--ttl", "soon"),
+        ("--url", "localhost:8080", "get", "k"),
+        ("--url", "https://127.0.0.1:9", "--ca", str(tmp_path / "none.pem"), "get", "k"),
+        ("--token-file", str(tmp_path / "no-token"), "get", "k"),
+    ]:
+        code, out, err = run(*argv)
+        assert (code, out) == (2, ""), argv
+        one_line(err)
 
 
 def test_health_prints_the_status_and_its_checks(run):
@@ -343,7 +353,7 @@ def test_patch_touches_and_increments(run):
 
 
 @keyspace
-def test_export_then_import_round_trips_without_a_progress_bar_off_a_terminal(node, tmp_path):
+def test_export_then_import_round_trip_with_a_progress_bar_only_on_a_terminal(node, tmp_path):
     env = {**os.environ, "DACHE_URL": f"http://127.0.0.1:{node.port}"}
     env.pop("DACHE_TOKEN", None)
     lines = [json.dumps({"key": f"io/{i:04d}", "value": {"i": i}}) for i in range(1200)]
@@ -366,6 +376,15 @@ def test_export_then_import_round_trips_without_a_progress_bar_off_a_terminal(no
     assert len(docs) == 1201
     assert docs[0] == {"key": "io/0000", "value": {"i": 0}}
     assert docs[-1]["key"] == "io/expiring" and docs[-1]["expiry"] > time.time()
+    # on a terminal, the same import draws its bar (on stderr), then the same summary
+    source = tmp_path / "io.jsonl"
+    source.write_text("\n".join(lines) + "\n")
+    code, raw, shown = run_in_terminal([DACHECTL, "import", str(source)], env)
+    assert code == 0, raw
+    assert "\r" in raw and "import: " in raw and "1201 keys" in raw  # tqdm's redraws
+    assert shown.splitlines()[-1] == "imported 1201 keys"
+    code, raw, _ = run_in_terminal([DACHECTL, "export", "io/"], env)
+    assert code == 0 and "export: 100%" in raw and "1201/1201" in raw
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"key": "io/ok", "value": 1}\n[1, 2]\n')
     code = subprocess.run([DACHECTL, "import", str(bad)], env=env, capture_output=True, text=True)
