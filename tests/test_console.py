@@ -10,8 +10,11 @@ CONSOLE_SCREENSHOTS=<dir> saves the main views there (docs/ holds the README's).
 
 from __future__ import annotations
 
+import base64
+import html
 import json
 import os
+import shlex
 import shutil
 import tempfile
 from pathlib import Path
@@ -26,7 +29,8 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from tests import debian
 from tests.process import DacheProcess
-from tests.test_ctl import keyspace
+from tests.terminal import run_in_terminal
+from tests.test_ctl import DACHECTL, keyspace
 
 TOKEN = "console-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -99,9 +103,9 @@ def typed(driver, element_id, text):
     field.send_keys(text)
 
 
-def screenshot(driver, name, tmp_path):
+def screenshot(driver, name, tmp_path, prefix="console-"):
     folder = Path(os.environ.get("CONSOLE_SCREENSHOTS") or tmp_path)
-    driver.save_screenshot(str(folder / f"console-{name}.png"))
+    assert driver.save_screenshot(str(folder / f"{prefix}{name}.png"))
 
 
 def test_token_create_conflict_live_update_delete(browser, node, tmp_path):
@@ -216,3 +220,50 @@ def test_browse_by_prefix_with_paging(browser, node, tmp_path):
     assert shown["shop/item20a"] == ('"new"', True)  # marked as changed
     assert shown["shop/item20"] == ('{"price":20,"name":"item 20"}', False)  # JSON.stringify
     assert keys()[:2] == ["shop/item20", "shop/item20a"] and len(keys()) == 20
+
+
+# -- the README's "Command line" screenshot: a real dachectl session on a terminal
+
+SESSION = [  # (what is typed, the exit code expected)
+    ("""dachectl set user/42 '{"name": "Ada"}' --ttl 3600""", 0),
+    ("dachectl get user/42", 0),
+    ("dachectl -o json get user/42", 0),
+    ("""dachectl set user/42 '"Bob"' --if-absent""", 3),
+    ("dachectl get user/7", 1),
+    ("dachectl patch visits --increment 1", 0),
+    ("dachectl import users.jsonl", 0),
+    ("dachectl ls user/ --count", 0),
+    ("dachectl ls user/1 --values", 0),
+    ("dachectl health", 0),
+]
+
+
+@keyspace
+def test_a_dachectl_session_on_a_terminal(browser, node, tmp_path):
+    users = tmp_path / "users.jsonl"
+    docs = [{"key": f"user/{i}", "value": {"n": i}} for i in range(1000, 1003)]
+    docs += [{"key": f"user/x{i:04d}", "value": i} for i in range(2000)]
+    users.write_text("".join(json.dumps(doc) + "\n" for doc in docs))
+    env = {**os.environ, "DACHE_URL": f"http://127.0.0.1:{node.port}", "DACHE_TOKEN": TOKEN}
+    shown = ["$ export DACHE_URL=http://127.0.0.1:8080 DACHE_TOKEN_FILE=~/.dache-token"]
+    for line, expected in SESSION:
+        argv = [str(users) if a == users.name else a for a in shlex.split(line)[1:]]
+        code, raw, screen = run_in_terminal([DACHECTL, *argv], env)
+        assert code == expected, (line, raw)
+        shown += [f"$ {line}", *screen.splitlines()]
+        if code:
+            shown.append(f"$ echo $?\n{code}")
+    text = "\n".join(shown)
+    assert TOKEN not in text
+    assert '{"name": "Ada"}' in text and "dachectl: 412: precondition failed" in text
+    assert "dachectl: 404: key not found" in text and "imported 2003 keys" in text
+    assert "import: 2003 keys" in text  # tqdm's last redraw, on the terminal
+    assert "\n2004\n" in text  # user/42 and the import
+    assert 'user/1000\t{"n": 1000}' in text
+    page = (
+        "<!doctype html><meta charset=utf-8><body style='margin:0;background:#1e1e1e'>"
+        "<pre style='margin:0;padding:14px 18px;color:#d4d4d4;font:14px/1.35 monospace;"
+        "white-space:pre-wrap'>" + html.escape(text) + "</pre>"
+    )
+    browser.get("data:text/html;base64," + base64.b64encode(page.encode()).decode())
+    screenshot(browser, "dachectl", tmp_path, prefix="")
