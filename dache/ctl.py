@@ -233,6 +233,8 @@ def cmd_health(client: Client, args: argparse.Namespace, out: Output) -> int:
         for check in values if isinstance(values, list) else [values]:
             if isinstance(check, dict):
                 text += f"\n{name}: {check.get('status', '?')}"
+                if check.get("observedValue") is not None:
+                    text += f", {check['observedValue']} {check.get('observedUnit', '')}".rstrip()
                 if check.get("output"):
                     text += f" ({check['output']})"
     out.document(doc, text)

@@ -14,6 +14,7 @@ import base64
 import html
 import json
 import os
+import re
 import shlex
 import shutil
 import tempfile
@@ -260,10 +261,18 @@ def test_a_dachectl_session_on_a_terminal(browser, node, tmp_path):
     assert "import: 2003 keys" in text  # tqdm's last redraw, on the terminal
     assert "\n2004\n" in text  # user/42 and the import
     assert 'user/1000\t{"n": 1000}' in text
+    assert re.search(r"\ncache:entries: pass, \d+\n", text)  # the token shows health's detail
     page = (
         "<!doctype html><meta charset=utf-8><body style='margin:0;background:#1e1e1e'>"
         "<pre style='margin:0;padding:14px 18px;color:#d4d4d4;font:14px/1.35 monospace;"
-        "white-space:pre-wrap'>" + html.escape(text) + "</pre>"
+        "white-space:pre-wrap'>"
+        + "\n".join(
+            f"<b style='color:#7ec699'>{html.escape(line)}</b>"
+            if line.startswith("$ ")
+            else html.escape(line)
+            for line in text.splitlines()
+        )
+        + "</pre>"
     )
     browser.get("data:text/html;base64," + base64.b64encode(page.encode()).decode())
     screenshot(browser, "dachectl", tmp_path, prefix="")

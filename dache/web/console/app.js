@@ -19,6 +19,7 @@ const state = {
   samples: [],
   live: null, // "watch" | "polling"
   watchAbort: null,
+  viewSeq: 0, // the latest read of the entry (older answers are dropped)
 };
 
 // -- HTTP
@@ -148,7 +149,10 @@ function show(panel) {
 }
 
 async function view(key, live = false) {
+  // Reads overlap (a click, a live event, our own write's event): only the latest one shows.
+  const seq = ++state.viewSeq;
   const response = await call("GET", keyPath(key));
+  if (seq !== state.viewSeq) return;
   if (response.status === 404) {
     state.entry = null;
     show(null);
@@ -261,6 +265,7 @@ $("delete").addEventListener("click", async () => {
   const response = await call("DELETE", keyPath(key), { headers: { "If-Match": etag } });
   if (response.status === 412) return conflict(key, null);
   if (!response.ok) return say("deleting failed: " + (await errorOf(response)));
+  state.viewSeq += 1; // a read started by our own delete's event must not report it as someone else's
   state.entry = null;
   show(null);
   say(`deleted "${key}"`, "info");
