@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -27,6 +28,7 @@ from tests.terminal import run_in_terminal
 from tests.test_tls import certificate, tls_listen  # noqa: F401 (a fixture)
 
 DACHECTL = os.path.join(os.path.dirname(sys.executable), "dachectl")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -277,6 +279,44 @@ def test_the_console_script_and_python_m_work(node):
     )
     assert done.returncode == 1
     assert done.stderr == "dachectl: 404: key not found\n"
+
+
+def test_pip_install_gives_dachectl_and_the_console_files(node, tmp_path):
+    """`pip install .` (into a target folder, dependencies left to this venv)."""
+    source = tmp_path / "source"
+    shutil.copytree(
+        ROOT,
+        source,
+        ignore=shutil.ignore_patterns(
+            ".venv", ".git", "build", "dist", "*.egg-info", "__pycache__", "dache-data", "docs"
+        ),
+    )
+    target = tmp_path / "installed"
+    pip = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-compile", "--quiet"]
+    done = subprocess.run(
+        [*pip, "--target", str(target), str(source)], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    env = {**os.environ, "PYTHONPATH": str(target), "DACHE_URL": f"http://127.0.0.1:{node.port}"}
+    done = subprocess.run(
+        [str(target / "bin" / "dachectl"), "set", "installed", "true"],
+        env=env,
+        cwd=tmp_path,  # not the checkout: its dache/ would be imported first
+        timeout=60,
+    )
+    assert done.returncode == 0
+    assert node.get("installed")[1]["value"] is True
+    probe = (
+        "import dache.ctl; from importlib.resources import files; "
+        "print(dache.ctl.__file__); "
+        "print(all(files('dache.web').joinpath('console', name).is_file() "
+        "for name in ('index.html', 'app.js', 'style.css')))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], env=env, cwd=tmp_path, capture_output=True, text=True
+    )
+    where, shipped = done.stdout.split()
+    assert where.startswith(str(target)) and shipped == "True", done.stderr
 
 
 # -- the key space (issue 12's routes: list, range delete, batch, PATCH)
