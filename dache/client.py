@@ -361,7 +361,8 @@ class Client:
                         if event.revision is not None:
                             last = event.revision
                         yield event
-            except httpx.HTTPError as e:
+            except (httpx.HTTPError, ServerError) as e:
+                # No answer, a cut stream, or a node shutting down / starting (503): try again.
                 now = time.monotonic()
                 down_since = down_since or now
                 if give_up_after is not None and now - down_since > give_up_after:

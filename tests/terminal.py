@@ -23,17 +23,27 @@ def run_in_terminal(
     timeout: float = 60.0,
     rows: int = 24,
     columns: int = 100,
+    typed: str | None = None,
 ) -> tuple[int, str, str]:
-    """(exit code, the raw bytes written as text, the screen's text)."""
+    """
+    (exit code, the raw bytes written as text, the screen's text). `typed`: the
+    terminal is stdin too, and this is typed into it (echoed, as a terminal does).
+    """
     controller, terminal = pty.openpty()
     # a window of its own size: a new pty says 0x0, and tqdm would draw a bar 0 columns wide
     fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
     try:
         process = subprocess.Popen(
-            list(argv), stdin=subprocess.DEVNULL, stdout=terminal, stderr=terminal, env=dict(env)
+            list(argv),
+            stdin=subprocess.DEVNULL if typed is None else terminal,
+            stdout=terminal,
+            stderr=terminal,
+            env=dict(env),
         )
     finally:
         os.close(terminal)
+    if typed is not None:
+        os.write(controller, typed.encode())  # held by the terminal until the command reads
     chunks: list[bytes] = []
     deadline = time.monotonic() + timeout
     while True:
