@@ -23,11 +23,12 @@ def run_in_terminal(
     timeout: float = 60.0,
     rows: int = 24,
     columns: int = 100,
-    typed: str | None = None,
+    answer: tuple[str, str] | None = None,
 ) -> tuple[int, str, str]:
     """
-    (exit code, the raw bytes written as text, the screen's text). `typed`: the
-    terminal is stdin too, and this is typed into it (echoed, as a terminal does).
+    (exit code, the raw bytes written as text, the screen's text). `answer`:
+    (a prompt, what to type): the terminal is stdin too, and once the prompt is
+    shown the text is typed (and echoed, as a terminal does).
     """
     controller, terminal = pty.openpty()
     # a window of its own size: a new pty says 0x0, and tqdm would draw a bar 0 columns wide
@@ -35,15 +36,13 @@ def run_in_terminal(
     try:
         process = subprocess.Popen(
             list(argv),
-            stdin=subprocess.DEVNULL if typed is None else terminal,
+            stdin=subprocess.DEVNULL if answer is None else terminal,
             stdout=terminal,
             stderr=terminal,
             env=dict(env),
         )
     finally:
         os.close(terminal)
-    if typed is not None:
-        os.write(controller, typed.encode())  # held by the terminal until the command reads
     chunks: list[bytes] = []
     deadline = time.monotonic() + timeout
     while True:
@@ -58,6 +57,9 @@ def run_in_terminal(
         if not chunk:
             break
         chunks.append(chunk)
+        if answer is not None and answer[0].encode() in b"".join(chunks):
+            os.write(controller, answer[1].encode())
+            answer = None
     os.close(controller)
     code = process.wait(max(1.0, deadline - time.monotonic()))
     raw = b"".join(chunks).decode("utf-8", "replace")

@@ -353,11 +353,12 @@ def test_rm_asks_unless_yes_and_deletes_the_prefix(run, node):
     assert run("ls", "rm/", "--count")[1] == "5\n"
     # on a terminal it asks, with the count; anything but y/yes deletes nothing
     env = {**os.environ, "DACHE_URL": f"http://127.0.0.1:{node.port}"}
-    code, _, shown = run_in_terminal([DACHECTL, "rm", "--prefix", "rm/"], env, typed="n\n")
+    rm = [DACHECTL, "rm", "--prefix"]
+    code, _, shown = run_in_terminal([*rm, "rm/"], env, answer=("[y/N] ", "n\n"))
     assert code == 0 and "delete 5 keys under 'rm/'? [y/N] n" in shown, shown
     assert shown.splitlines()[-1] == "nothing deleted"
     assert run("ls", "rm/", "--count")[1] == "5\n"
-    code, _, shown = run_in_terminal([DACHECTL, "rm", "--prefix", "rm/3"], env, typed="yes\n")
+    code, _, shown = run_in_terminal([*rm, "rm/3"], env, answer=("[y/N] ", "yes\n"))
     assert code == 0 and shown.splitlines()[-1] == "deleted 1", shown
     assert run("rm", "--prefix", "rm/", "--yes", "-o", "json") == (0, '{"deleted": 4}\n', "")
     assert run("ls", "rm", "--count")[1] == "1\n"
