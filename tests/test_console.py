@@ -168,6 +168,30 @@ def test_token_create_conflict_live_update_delete(browser, node, tmp_path):
     assert stored(node, "console/seen")[0] == 200
 
 
+def test_memory_used_vs_the_limit_from_the_memory_bound_metrics(browser, node):
+    """The names the memory bound (issue 11) exports; a node without it shows no limit."""
+    browser.get(f"http://127.0.0.1:{node.port}/ui/")
+    visible(browser, "browser")
+    exposition = (
+        "# TYPE dache_memory_used_bytes gauge\ndache_memory_used_bytes 3.145728e+06\n"
+        "# TYPE dache_memory_limit_bytes gauge\ndache_memory_limit_bytes 1.048576e+07\n"
+        'dache_bytes{note="older nodes"} 99.0\n'
+    )
+
+    def shown(text):
+        return browser.execute_script(
+            "const t = arguments[0];"
+            "return memoryText({bytes: metric(t, 'dache_memory_used_bytes') ??"
+            " metric(t, 'dache_bytes'), limit: metric(t, 'dache_memory_limit_bytes')})",
+            text,
+        )
+
+    assert shown(exposition) == "3.00 of 10.00 MiB"
+    assert shown(exposition.replace("1.048576e+07", "0.0")) == "3.00 MiB (no limit)"
+    older = 'dache_bytes{note="older nodes"} 2097152.0\n'
+    assert shown(older) == "2.00 MiB (no limit)"
+
+
 def test_the_console_needs_no_token_and_ui_false_turns_it_off(node, dache_process):
     status, headers, body = node.request("GET", "/ui/")
     assert status == 200 and headers["Content-Type"].startswith("text/html")

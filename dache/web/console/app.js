@@ -372,12 +372,12 @@ async function sample() {
   point.writes = last ? Math.max(0, (point.written - last.written) / (now - last.t)) : 0;
   state.samples.push(point);
   if (state.samples.length > HISTORY) state.samples.shift();
-  const memory = point.limit ? `${mib(point.bytes)} of ${mib(point.limit)} MiB` : `${mib(point.bytes)} MiB (no limit)`;
-  $("metrics-text").textContent = `${point.entries} entries · ${memory} · ${point.writes.toFixed(1)} writes/s`;
+  $("metrics-text").textContent = `${point.entries} entries · ${memoryText(point)} · ${point.writes.toFixed(1)} writes/s`;
   drawChart();
 }
 
 const mib = (bytes) => (bytes / 1048576).toFixed(2);
+const memoryText = ({ bytes, limit }) => (limit ? `${mib(bytes)} of ${mib(limit)} MiB` : `${mib(bytes)} MiB (no limit)`);
 
 function drawChart() {
   const canvas = $("chart");
