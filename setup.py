@@ -21,6 +21,7 @@ setup(
         "google-crc32c>=1.5",
         "httpx>=0.27",  # dache.client and dachectl
         "tqdm>=4.66",  # dachectl import/export progress bar
+        "sortedcontainers>=2.4",  # the sorted key index (list by prefix)
     ],
     entry_points={"console_scripts": ["dachectl = dache.ctl:main"]},
     extras_require={
