@@ -31,7 +31,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 from tests import debian
 from tests.process import DacheProcess
 from tests.terminal import run_in_terminal
-from tests.test_ctl import DACHECTL, keyspace
+from tests.test_ctl import DACHECTL
 
 TOKEN = "console-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -208,7 +208,6 @@ def test_the_console_needs_no_token_and_ui_false_turns_it_off(node, dache_proces
     assert status == 404 and "UI" in json.loads(body)["error"]
 
 
-@keyspace
 def test_browse_by_prefix_with_paging(browser, node, tmp_path):
     for i in range(45):
         put(node, f"shop/item{i:02d}", {"price": i, "name": f"item {i}"})
@@ -263,7 +262,6 @@ SESSION = [  # (what is typed, the exit code expected)
 ]
 
 
-@keyspace
 def test_a_dachectl_session_on_a_terminal(browser, node, tmp_path):
     users = tmp_path / "users.jsonl"
     docs = [{"key": f"user/{i}", "value": {"n": i}} for i in range(1000, 1003)]

@@ -10,7 +10,6 @@ subprocesses.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -321,13 +320,7 @@ def test_pip_install_gives_dachectl_and_the_console_files(node, tmp_path):
 
 # -- the key space (issue 12's routes: list, range delete, batch, PATCH)
 
-keyspace = pytest.mark.skipif(
-    importlib.util.find_spec("dache.web.keyspace") is None,
-    reason="the key-space routes (issue 12) are not in this checkout yet",
-)
 
-
-@keyspace
 def test_ls_pages_through_every_key_under_a_prefix_in_order(run):
     keys = [f"ls/{i:03d}" for i in range(25)] + ["ls/é", "ls/日本"]
     ops = [{"op": "set", "key": key, "value": i} for i, key in enumerate(keys)]
@@ -343,7 +336,6 @@ def test_ls_pages_through_every_key_under_a_prefix_in_order(run):
     assert run("ls", "ls/", "--count") == (0, "27\n", "")
 
 
-@keyspace
 def test_rm_asks_unless_yes_and_deletes_the_prefix(run, node):
     for i in range(5):
         run("set", f"rm/{i}", str(i))
@@ -364,7 +356,6 @@ def test_rm_asks_unless_yes_and_deletes_the_prefix(run, node):
     assert run("ls", "rm", "--count")[1] == "1\n"
 
 
-@keyspace
 def test_batch_is_atomic_and_a_failed_precondition_exits_3(run, tmp_path):
     run("set", "b/x", "1")
     ops = {
@@ -386,7 +377,6 @@ def test_batch_is_atomic_and_a_failed_precondition_exits_3(run, tmp_path):
     assert run("batch", "-", stdin="{not json")[0] == 2
 
 
-@keyspace
 def test_patch_touches_and_increments(run):
     code, out, _ = run("patch", "p/n", "--increment", "5")
     assert (code, out) == (0, "5\n")
@@ -401,7 +391,6 @@ def test_patch_touches_and_increments(run):
     assert run("patch", "p/n")[0] == 2
 
 
-@keyspace
 def test_export_then_import_round_trip_with_a_progress_bar_only_on_a_terminal(node, tmp_path):
     env = {**os.environ, "DACHE_URL": f"http://127.0.0.1:{node.port}"}
     env.pop("DACHE_TOKEN", None)
