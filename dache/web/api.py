@@ -41,7 +41,6 @@ from dache.engines import ANY, Change, EngineUnavailable, PreconditionFailed
 from dache.rendering import render_json
 from dache.store.cache import Cache
 from dache.store.committer import Committer
-from dache.web import ui
 from dache.web.answer import JSON, APIError, error
 from dache.web.health import HealthMonitor
 from dache.web.health import respond as health_response
@@ -205,6 +204,7 @@ class DacheAPI:
         self.monitor = health
         self.metrics = metrics  # None: METRICS=false
         self.watch: Any = None  # a dache.web.watch.Watchers, once attached
+        self.ui_enabled = True  # the web console at /ui (dache.web.ui); UI=false: 404
 
     def resource(self) -> Resource:
         from dache.web.dispatch import DacheResource
@@ -296,21 +296,6 @@ class DacheAPI:
             return error(request, 503, str(failure.value))
         return self.unexpected(request, failure)
 
-    # -- the web console (dache.web.ui); UI=false: 404
-
-    ui_enabled = True
-
-    @app.route("/ui", methods=["GET", "HEAD"])
-    @app.route("/ui/", methods=["GET", "HEAD"])
-    @app.route("/ui/<name>", methods=["GET", "HEAD"])
-    def console(self, request: IRequest, name: str = "") -> bytes:
-        body = ui.answer(request) if self.ui_enabled else None
-        if body is None:
-            raise APIError(
-                404, "no such file" if self.ui_enabled else "the web console is off (UI)"
-            )
-        return body
-
     def unexpected(self, request: IRequest, failure: Failure) -> bytes:
         """A bug: logged here, a bare 500 for the client."""
         self.log.failure(
@@ -326,7 +311,7 @@ DacheAPI.app.url_map.merge_slashes = False
 DacheAPI.app.url_map.strict_slashes = False
 
 # Modules declaring more routes on DacheAPI.app (see the top of this module).
-ROUTE_MODULES: tuple[str, ...] = ("dache.web.keyspace",)
+ROUTE_MODULES: tuple[str, ...] = ("dache.web.keyspace", "dache.web.ui")
 
 
 def declare_all_routes() -> None:

@@ -4,7 +4,8 @@ read once and served from memory. No build step, no CDN; the page talks to
 dache's public HTTP API like any other client. UI=false turns it off (404).
 
 The files are public (they hold no data), so /ui needs no token; the page asks
-for one when the API answers 401 and keeps it in sessionStorage.
+for one when the API answers 401 and keeps it in sessionStorage. A ROUTE_MODULES
+entry of dache.web.api.
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ from functools import cache
 from importlib.resources import files
 
 from twisted.web.iweb import IRequest
+
+from dache.web.answer import APIError
+from dache.web.api import DacheAPI
 
 PATH = b"/ui"
 FILES = {  # name under /ui/ -> (file in dache/web/console, content type)
@@ -55,3 +59,13 @@ def answer(request: IRequest) -> bytes | None:
     for header, value in SECURITY_HEADERS.items():
         request.setHeader(header, value)
     return _read(name)
+
+
+@DacheAPI.app.route("/ui", methods=["GET", "HEAD"])
+@DacheAPI.app.route("/ui/", methods=["GET", "HEAD"])
+@DacheAPI.app.route("/ui/<name>", methods=["GET", "HEAD"])
+def console(api: DacheAPI, request: IRequest, name: str = "") -> bytes:
+    body = answer(request) if api.ui_enabled else None
+    if body is None:
+        raise APIError(404, "no such file" if api.ui_enabled else "the web console is off (UI)")
+    return body
