@@ -188,6 +188,10 @@ def test_no_server_exits_4_with_one_line(run):
     code, out, err = run("--url", "http://127.0.0.1:9", "get", "k")
     assert code == 4 and out == ""
     assert "127.0.0.1:9" in one_line(err)
+    # a watch retries, then gives up
+    code, out, err = run("--url", "http://127.0.0.1:9", "watch", "--give-up-after", "0.3")
+    assert code == 4 and out == ""
+    assert "watch: ConnectError" in one_line(err)
 
 
 # -- access control, Unix sockets, TLS
