@@ -127,6 +127,7 @@ def main() -> None:
     gets = alternate(
         {
             "lru": _connection("allkeys-lru", 1 << 40, "GET"),
+            "lfu": _connection("allkeys-lfu", 1 << 40, "GET"),
             "noeviction": _connection("noeviction", 0, "GET"),
         },
         args.blocks,
@@ -144,7 +145,9 @@ def main() -> None:
     print("|---|---:|---:|---:|")
     print(f"| GET with allkeys-lru | {gets['lru']:.2f} | | |")
     print(f"| GET with noeviction | {gets['noeviction']:.2f} | | |")
+    print(f"| GET with allkeys-lfu | {gets['lfu']:.2f} | | |")
     print(f"| GET LRU / GET noeviction | | {gets['noeviction'] / gets['lru']:.3f} | >= 0.95 |")
+    print(f"| GET LFU / GET noeviction | | {gets['noeviction'] / gets['lfu']:.3f} | |")
     print(f"| SET at the bound (evicting on every write) | {sets['at the bound']:.2f} | | |")
     print(f"| SET below the bound | {sets['below it']:.2f} | | |")
     ratio = sets["below it"] / sets["at the bound"]

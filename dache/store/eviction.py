@@ -147,6 +147,7 @@ class MemoryBound:
             return
         chance = self.random.random
         bound = self
+        ints = self._lfu_ints  # this period's uses, changed in place each period
 
         def get_lfu(key: str, now: float) -> Entry | None:
             entry = entries_get(key)
@@ -155,13 +156,20 @@ class MemoryBound:
             meta = entry._meta
             if meta.__class__ is tuple and meta[0] <= now:  # type: ignore[index]
                 return None
+            use = entry.use
             period = int(now) // LFU_DECAY_SECONDS
-            if period != bound._lfu_period:
-                bound._new_period(period)
-            counter = bound.counter(entry.use, period)
-            if counter < 255 and chance() * (max(counter - LFU_INIT, 0) * LFU_LOG_FACTOR + 1) < 1:
-                counter += 1
-            entry.use = bound._lfu_ints[counter]
+            if use >> 8 == period:  # used this period already: no decay to apply
+                counter = use & 255
+            else:
+                if period != bound._lfu_period:
+                    bound._new_period(period)
+                counter = bound.counter(use, period)
+                entry.use = ints[counter]
+            # Redis's LFULogIncr: certain up to LFU_INIT, then ever less likely.
+            if counter < 255 and (
+                counter <= LFU_INIT or chance() * ((counter - LFU_INIT) * LFU_LOG_FACTOR + 1) < 1
+            ):
+                entry.use = ints[counter + 1]
             return entry
 
         cache.get = get_lfu  # type: ignore[method-assign]
@@ -169,7 +177,7 @@ class MemoryBound:
 
     def _new_period(self, period: int) -> None:
         self._lfu_period = period
-        self._lfu_ints = [period << 8 | counter for counter in range(256)]
+        self._lfu_ints[:] = [period << 8 | counter for counter in range(256)]
         self.cache.new_use = self._lfu_ints[LFU_INIT]
 
     @staticmethod
