@@ -377,3 +377,21 @@ def test_a_batch_is_made_room_for_before_it_with_consecutive_revisions():
     revisions = body["results"]
     assert revisions == list(range(revisions[0], revisions[0] + 5))
     assert revisions[-1] == node.committer.revision
+
+
+def test_the_get_path_is_the_cache_s_own_unless_lru_or_lfu_needs_a_store():
+    for policy, limit in [("noeviction", LIMIT), ("allkeys-random", LIMIT), ("allkeys-lru", 0)]:
+        node = node_with(policy, limit=limit)
+        assert "get" not in vars(node.cache), policy  # Cache.get itself: nothing added
+    for policy in ("allkeys-lru", "volatile-lfu"):
+        assert "get" in vars(node_with(policy).cache)
+
+
+@inlineCallbacks
+def test_an_lru_read_moves_a_key_to_the_current_tick():
+    node = node_with("allkeys-lru")
+    yield fill(node, 3)
+    ticks = [node.cache.peek(f"k{i}").use for i in range(3)]
+    assert ticks == sorted(ticks) and ticks[0] < ticks[2]  # one tick per write batch
+    assert (yield get_code(node, "k0")) == 200
+    assert node.cache.peek("k0").use == node.cache.new_use >= ticks[2]
