@@ -254,7 +254,8 @@ class Container:
         podman("stop", "--time", str(timeout), self.name, timeout=timeout + 60)
 
     def remove(self) -> None:
-        podman("rm", "--force", "--time", "0", self.name, check=False, timeout=60)
+        # --volumes: also the anonymous volume the image's VOLUME gives a container.
+        podman("rm", "--force", "--volumes", "--time", "0", self.name, check=False, timeout=60)
 
 
 @contextlib.contextmanager
