@@ -164,11 +164,15 @@ def dache_tag() -> str:
 
 
 def _forget_other_tags(repository: str, keep: str) -> None:
-    """Remove older builds of `repository` so the cache does not grow with every change."""
+    """
+    Remove older builds of `repository` so the cache does not grow with every change.
+    Never --force: that would also remove the containers of another checkout's test run
+    still using its build (it is removed by a later run instead).
+    """
     listed = podman("images", "--format", "{{.Repository}}:{{.Tag}}", repository, check=False)
     for tag in listed.stdout.split():
         if tag != keep and tag.startswith(repository + ":"):
-            podman("rmi", "--force", tag, check=False)
+            podman("rmi", tag, check=False)
     podman("image", "prune", "--force", check=False)
 
 
