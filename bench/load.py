@@ -39,7 +39,7 @@ def wrk_path() -> str:
     return path
 
 
-def _stat(pid: int) -> list[str]:
+def proc_stat(pid: int) -> list[str]:
     """/proc/<pid>/stat's fields after the command name (field 3 onwards)."""
     with open(f"/proc/{pid}/stat") as f:
         return f.read().rpartition(")")[2].split()
@@ -51,7 +51,7 @@ def descendants(pid: int) -> list[int]:
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                parents.setdefault(int(_stat(int(entry))[1]), []).append(int(entry))
+                parents.setdefault(int(proc_stat(int(entry))[1]), []).append(int(entry))
             except (OSError, IndexError):
                 continue  # gone meanwhile
     found, todo = [], [pid]
@@ -68,7 +68,7 @@ def cpu_seconds(pid: int) -> float:
     total = 0
     for process in descendants(pid):
         try:
-            fields = _stat(process)
+            fields = proc_stat(process)
         except OSError:
             continue
         total += int(fields[11]) + int(fields[12])

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from bench.load import Sample
+from bench.neighbours import LOADED_SHARE
 from bench.peers import RedisStartup, RespSample
 from bench.scenarios import PEER_KINDS, PEERS, WHOLE_MACHINE_KINDS, Scenario
 from bench.startup import Startup
@@ -32,6 +33,12 @@ class Context:
     load_after: tuple[float, float, float]
     elapsed: float
     machine: str
+    others_share: float | None = None  # other work's share of the CPU during the rounds
+
+    @property
+    def loaded(self) -> bool:
+        """Shared with other work: a load average of 1 before, or others' CPU during."""
+        return self.load_before[0] >= 1 or (self.others_share or 0) >= LOADED_SHARE
 
 
 @dataclass
@@ -212,9 +219,21 @@ def markdown(
         for key, rounds in runs.samples.items()
         if key[0].startswith("ceiling") and (spread := _spread(rounds)) is not None
     ]
+    if context.loaded:
+        w(
+            "**Loaded machine.** Other work shared it during this run, so absolute req/s "
+            "and latencies are noise; ratios within a round weigh less on it, and a run on "
+            "a quiet machine (load average below 1) is still needed.\n"
+        )
+    others = (
+        f"; other processes took {context.others_share:.0%} of the machine's CPU time "
+        "during the rounds"
+        if context.others_share is not None
+        else ""
+    )
     w(
         f"Noise: load average {context.load_before[0]:.2f} before, "
-        f"{context.load_after[0]:.2f} after"
+        f"{context.load_after[0]:.2f} after (the bench's own load included){others}"
         + (
             f"; the ceiling's req/s varied by a median {statistics.median(noise):.0%} "
             f"(max {max(noise):.0%}) between rounds."

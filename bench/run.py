@@ -17,6 +17,7 @@ import http.client
 import json
 import os
 import platform
+import re
 import sys
 import tempfile
 import time
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 
 from bench import peers, report, startup
 from bench.load import Sample, run_wrk
+from bench.neighbours import Meter
 from bench.scenarios import (
     KEYS,
     WHOLE_MACHINE_KINDS,
@@ -115,6 +117,10 @@ class Bench:
     only: set[str] | None = None  # scenario kinds to run (None: all)
     # (Redis durability level, value size) -> one redis-benchmark result per round
     resp: dict[tuple[str, int], list[dict[str, peers.RespSample]]] = field(default_factory=dict)
+    # other work's share of the machine during the rounds
+    meter: Meter = field(
+        default_factory=lambda: Meter(lambda: [os.getpid(), *startup.cluster_pids()])
+    )
 
     # -- servers
 
@@ -219,6 +225,7 @@ class Bench:
     def run(self) -> None:
         scenarios = self.scenarios()
         self.start({s.target for s in scenarios})
+        self.meter.start()
         files = {s.key: write_request_file(self.workdir, s.kind, s.value_bytes) for s in scenarios}
         mode = self.mode
         for round_number in range(1, mode.rounds + 1):
@@ -350,6 +357,11 @@ def measure_redis(workdir: str, entries: int) -> peers.RedisStartup:
         return peers.RedisStartup(entries, error=str(e)[-500:])
 
 
+def kinds_of(text: str) -> set[str]:
+    """--only's kinds: a comma followed by a space is inside a name ("GET hit, 2 workers")."""
+    return {kind.strip() for kind in re.split(r",(?! )", text) if kind.strip()}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="dache benchmarks (see bench/RESULTS.md)")
     parser.add_argument("--quick", action="store_true", help="a smoke run, under a minute")
@@ -359,7 +371,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-startup", action="store_true", help="skip the start-up load measurement"
     )
-    parser.add_argument("--only", help="comma-separated scenario kinds, e.g. 'GET hit,ceiling GET'")
+    parser.add_argument(
+        "--only",
+        help="comma-separated scenario kinds, e.g. 'GET hit,webdis GET, 2 threads' (a comma "
+        "and a space belong to a name)",
+    )
     parser.add_argument("--rounds", type=int, help="override the mode's rounds")
     parser.add_argument("--seconds", type=int, help="override the mode's seconds per run")
     parser.add_argument(
@@ -379,10 +395,11 @@ def main(argv: list[str] | None = None) -> int:
     began = time.monotonic()
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="dache-bench-") as workdir:
-        bench = Bench(mode, workdir, only=set(args.only.split(",")) if args.only else None)
+        bench = Bench(mode, workdir, only=kinds_of(args.only) if args.only else None)
         try:
             startup.prepare(workdir)
             bench.run()
+            others_share = bench.meter.share()
             rss = bench.rss()
             profile = args.profile if args.profile is not None else mode.name == "full"
             profiles = bench.profile() if profile else {}
@@ -402,6 +419,7 @@ def main(argv: list[str] | None = None) -> int:
         warmup=mode.warmup,
         load_before=load_before,
         load_after=load_after,
+        others_share=others_share,
         elapsed=time.monotonic() - began,
         machine=f"{os.cpu_count()} cores, Python {platform.python_version()}, {platform.machine()}",
     )
