@@ -199,8 +199,13 @@ class Bench:
         for name in sorted(names):
             factory = factories[name]
             assert callable(factory)
-            log(f"starting {name}")
-            self.servers[name] = factory().start()
+            self.servers[name] = factory()  # kept before starting: stop() then stops it
+        # every server at once: most of a start is waiting (imports, a PostgreSQL
+        # connection, Redis), and `make bench QUICK=1` has 90 s for all of it
+        log(f"starting {', '.join(self.servers)}")
+        with ThreadPoolExecutor(max_workers=len(self.servers) or 1) as pool:
+            for done in [pool.submit(server.start) for server in self.servers.values()]:
+                done.result()
         # The keys that GET hit and the mix read (durable targets only take sets),
         # every server at once: etcd's fsync per put makes its preload the slowest.
         with ThreadPoolExecutor(max_workers=len(self.servers) or 1) as pool:
@@ -321,19 +326,32 @@ def preload_webdis(server: peers.Webdis, sizes: tuple[int, ...]) -> None:
         peers.preload_redis(server.redis, keys, json.dumps(value_of(size)).encode())
 
 
+ETCD_PRELOADERS = 8  # concurrent puts: etcd commits them together, one fsync for several
+
+
 def preload_etcd(server: Server, sizes: tuple[int, ...]) -> None:
+    with ThreadPoolExecutor(max_workers=ETCD_PRELOADERS) as pool:
+        parts = [
+            pool.submit(_preload_etcd_part, server, size, range(part, KEYS, ETCD_PRELOADERS))
+            for size in sizes
+            for part in range(ETCD_PRELOADERS)
+        ]
+        for done in parts:
+            done.result()
+
+
+def _preload_etcd_part(server: Server, size: int, indexes: range) -> None:
     from bench.scenarios import etcd_put_body
 
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
     try:
-        for size in sizes:
-            for i in range(KEYS):
-                body = etcd_put_body(hit_key(size, i), size).encode()
-                connection.request("POST", "/v3/kv/put", body, {"Content-Type": JSON})
-                response = connection.getresponse()
-                response.read()
-                if response.status != 200:
-                    raise RuntimeError(f"etcd: preload answered {response.status}")
+        for i in indexes:
+            body = etcd_put_body(hit_key(size, i), size).encode()
+            connection.request("POST", "/v3/kv/put", body, {"Content-Type": JSON})
+            response = connection.getresponse()
+            response.read()
+            if response.status != 200:
+                raise RuntimeError(f"etcd: preload answered {response.status}")
     finally:
         connection.close()
 
