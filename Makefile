@@ -41,6 +41,7 @@ lint:
 bench: install postgres-bin
 	@sh bench/ensure-tools.sh
 	$(BIN)/python -m bench.run $(if $(QUICK),--quick,)
+	$(BIN)/python -m bench.keyspace $(if $(QUICK),--quick,)
 
 # The history checker under every nemesis (tests/faults/torture.py): MINUTES
 # (default 10), SEED (default: the time), OUT (default: /tmp/dache-torture).

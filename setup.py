@@ -16,6 +16,7 @@ setup(
         "psycopg2-binary>=2.9",
         "prometheus_client>=0.20",
         "google-crc32c>=1.5",
+        "sortedcontainers>=2.4",  # the sorted key index (list by prefix)
     ],
     extras_require={
         "test": [

@@ -119,6 +119,7 @@ class DacheService(service.Service):
         try:
             yield self.engine.load(self._apply_loaded)
             self.cache.expire(reactor.seconds())
+            self.cache.index()  # one sort now, so the first list by prefix is fast
         finally:
             gcpolicy.settle()
         load_seconds = time.monotonic() - began

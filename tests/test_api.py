@@ -137,7 +137,6 @@ async def test_key_length_limit_counts_utf8_bytes():
     "path, message",
     [
         ("http://dache.test/dache/", "empty"),
-        ("http://dache.test/dache", "empty"),
         ("http://dache.test/dache/%FF%FE", "UTF-8"),
         ("http://dache.test/dache/a%00b", "NUL"),
     ],
@@ -196,11 +195,11 @@ async def test_a_body_over_the_limit_is_413_and_changes_nothing():
 
 @pytest_twisted.ensureDeferred
 async def test_wrong_method_is_405_with_allow(node):
-    status, headers, body = await call(node, "PATCH", "k", {"value": 1})
+    status, headers, body = await call(node, "TRACE", "k", {"value": 1})
     assert status == 405
-    assert "PATCH" in body["error"]
+    assert "TRACE" in body["error"]
     allow = headers.getRawHeaders("allow")[0]
-    assert {m.strip() for m in allow.split(",")} >= {"GET", "POST", "PUT", "DELETE"}
+    assert {m.strip() for m in allow.split(",")} >= {"GET", "POST", "PUT", "DELETE", "PATCH"}
 
 
 @pytest_twisted.ensureDeferred

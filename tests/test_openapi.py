@@ -8,12 +8,13 @@ import re
 import pytest_twisted
 
 from dache.testing import MemoryNode
-from dache.web.api import DacheAPI
+from dache.web.api import DacheAPI, declare_all_routes
 from dache.web.openapi import document
 
 
 def routes() -> set[tuple[str, str]]:
     """(OpenAPI path, method) for every rule of the Klein app."""
+    declare_all_routes()
     found = set()
     for rule in DacheAPI.app.url_map.iter_rules():
         path = re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule)

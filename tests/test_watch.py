@@ -17,7 +17,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from dache.engines import Change
-from dache.testing import MemoryNode
+from dache.testing import BASE, MemoryNode
 from dache.web.site import DacheSite
 
 
@@ -351,3 +351,31 @@ def test_a_read_token_can_watch_and_no_token_cannot():
     r = write(node, "k")
     assert [e["id"] for e in reader.events()] == [str(r)]
     assert node.watchers.open == 1
+
+
+def _call(node: MemoryNode, method: str, path: str, body: object) -> int:
+    d = node.http.request(method, BASE + path, data=json.dumps(body).encode())
+    node.clock.advance(0)
+    return d.result.code
+
+
+def test_key_space_writes_are_watched_like_single_writes():
+    """A batch, a PATCH and a range delete reach a watcher as their SETs and DELETEs."""
+    node = MemoryNode()
+    client = Client(node, watch_request(f"&prefix={quote('u/')}"))
+    ops = [("set", "u/a", 1), ("set", "u/b", 2), ("set", "other", 3), ("get", "u/a", None)]
+    batch = {"ops": [{"op": op, "key": key, "value": value} for op, key, value in ops]}
+    batch["ops"][-1].pop("value")
+    assert _call(node, "POST", "/dache", batch) == 200
+    assert _call(node, "PATCH", "/dache/u%2Fa", {"increment": 41}) == 200
+    assert _call(node, "DELETE", f"/dache?prefix={quote('u/', safe='')}", None) == 200
+    got = [(e["event"], e["data"]["key"], e["data"].get("value")) for e in client.events()]
+    assert got == [
+        ("set", "u/a", 1),
+        ("set", "u/b", 2),
+        ("set", "u/a", 42),
+        ("delete", "u/a", None),
+        ("delete", "u/b", None),
+    ]
+    ids = [int(e["id"]) for e in client.events()]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)

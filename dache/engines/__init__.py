@@ -42,6 +42,10 @@ if TYPE_CHECKING:
 
 SET = "set"
 DELETE = "delete"
+# Decided in commit order against the key's current state (dache.engines.decide),
+# then written as a SET or DELETE (UPDATE) or not written at all (GET).
+GET = "get"
+UPDATE = "update"
 
 
 ANY = "*"  # a precondition on any current revision (HTTP's `If-Match: *`)
@@ -70,6 +74,9 @@ class Change:
         "if_match",
         "if_none_match",
         "rejected",
+        "update",
+        "group",
+        "error",
     )
 
     def __init__(
@@ -90,10 +97,24 @@ class Change:
         self.if_match = if_match
         self.if_none_match = if_none_match
         self.rejected = False
+        self.update: Any = None  # an UPDATE's dache.engines.decide.Update
+        self.group: Any = None  # a dache.engines.decide.Group: all or nothing
+        self.error: Exception | None = None  # why it was rejected (None: a precondition)
 
     @property
     def conditional(self) -> bool:
         return self.if_match is not None or self.if_none_match is not None
+
+    @property
+    def decided(self) -> bool:
+        """Whether it must be decided in commit order (see dache.engines.decide)."""
+        return (
+            self.if_match is not None
+            or self.if_none_match is not None
+            or self.group is not None
+            or self.kind == GET
+            or self.kind == UPDATE
+        )
 
     def precondition_holds(self, current_revision: int | None) -> bool:
         """Whether the precondition holds when the key's live revision is this (None: absent)."""

@@ -209,12 +209,13 @@ class TableSQL:
         # (so the write runs after the lock is granted).
         self.write = f"{self.lock}; {self.write_locked}"
         # Under the lock: the revision the sequence handed out last (key NULL),
-        # and the current rows of the keys a batch has preconditions on.
+        # and the current rows of the keys a batch decides on (preconditions,
+        # read-modify-writes, reads in a transaction: see dache.engines.decide).
         self.current = (
             "SELECT NULL::text, (SELECT CASE WHEN is_called THEN last_value"
-            f" ELSE last_value - 1 END FROM {self.sequence}), NULL::bigint"
-            " UNION ALL SELECT key, revision, (extract(epoch FROM expiry) * 1000000)::bigint"
-            f" FROM {self.table} WHERE key = ANY(%s::text[])"
+            f" ELSE last_value - 1 END FROM {self.sequence}), NULL::bigint, NULL::text"
+            " UNION ALL SELECT key, revision, (extract(epoch FROM expiry) * 1000000)::bigint,"
+            f" value FROM {self.table} WHERE key = ANY(%s::text[])"
         )
         # Rows as the engine hands them on: expiry as exact microseconds.
         row = "key, value, (extract(epoch FROM expiry) * 1000000)::bigint, revision"

@@ -49,6 +49,7 @@ from txpostgres.psycopg2_impl import psycopg2
 from txpostgres.reconnection import ConnectionDead
 
 from dache.engines import SET, Change, EngineHealth, EngineUnavailable
+from dache.engines.decide import State, decide, reads_state
 from dache.engines.pg_follow import READ_ERRORS, TableFollower, row_change, stream_snapshot
 from dache.engines.pg_pool import (
     CONNECTION_ERRORS,
@@ -414,13 +415,12 @@ class PostgresEngine:
     @inlineCallbacks
     def _write(self, changes: list[Change]) -> Any:
         keys = {change.key for change in changes}
-        if any(change.conditional for change in changes):
+        if any(change.decided for change in changes):
             # Not retried: a first attempt that did commit would fail its own
-            # precondition the second time.
-            rows = yield self._attempt(
+            # precondition (or increment twice) the second time.
+            rows, written = yield self._attempt(
                 lambda: self.pool.runInteraction(self._decide_and_write, changes), keys, False
             )
-            written = [change for change in changes if not change.rejected]
         else:
             params = write_params(changes)
             rows = yield self._attempt(lambda: self.pool.runQuery(self.sql.write, params), keys)
@@ -435,36 +435,29 @@ class PostgresEngine:
     @inlineCallbacks
     def _decide_and_write(self, cursor: Any, changes: list[Change]) -> Any:
         """
-        An interaction: under the table's lock, decide the batch's preconditions
-        against the table as each change will find it (the current rows, then
-        the batch's earlier changes), mark the failed ones rejected, write the rest.
+        An interaction: under the table's lock, decide the batch (preconditions,
+        read-modify-writes, groups: dache.engines.decide) against the table as
+        each change will find it, then write what it leaves. Answers the written
+        rows' revisions and the changes written.
         """
         yield cursor.execute(self.sql.lock)
-        conditional = sorted({change.key for change in changes if change.conditional})
-        yield cursor.execute(self.sql.current, (conditional,))
+        needed = sorted({change.key for change in changes if reads_state(change)})
+        yield cursor.execute(self.sql.current, (needed,))
         now = self.reactor.seconds()
         next_revision = 1
-        current: dict[str, int | None] = {}
-        for key, revision, micros in cursor.fetchall():
+        current: dict[str, State] = {}
+        for key, revision, micros, value in cursor.fetchall():
             if key is None:  # the sequence's last revision handed out
                 next_revision = (revision or 0) + 1
-            else:  # expired by this node's clock: absent
-                current[key] = revision if micros is None or micros / 1_000_000 > now else None
-        kept = []
-        for change in changes:
-            revision = current.get(change.key)
-            if change.conditional and not change.precondition_holds(revision):
-                change.rejected = True
-                change.revision = revision or 0
-                continue
-            # Revisions are taken in batch order under the lock: this is the one it gets.
-            current[change.key] = next_revision if change.kind == SET else None
-            next_revision += 1
-            kept.append(change)
+            elif micros is None or micros / 1_000_000 > now:  # expired by this node's clock: absent
+                expiry = None if micros is None else micros / 1_000_000
+                current[key] = (value.encode("utf-8"), expiry, revision)
+        # Revisions are taken in batch order under the lock: decide() predicts them.
+        kept = decide(changes, current.get, next_revision, now)
         if not kept:
-            return []
+            return [], []
         yield cursor.execute(self.sql.write_locked, write_params(kept))
-        return cursor.fetchall()
+        return cursor.fetchall(), kept
 
     @inlineCallbacks
     def _attempt(self, run: Callable[[], Deferred[Any]], keys: set[str], retry: bool = True) -> Any:

@@ -17,6 +17,7 @@ import json
 from collections.abc import Callable, Iterator
 
 from dache.rendering import render_json, render_key
+from dache.store.keyindex import KeyIndex
 
 _OFFSET_BITS = 32
 _OFFSET_MASK = (1 << _OFFSET_BITS) - 1
@@ -93,6 +94,16 @@ class Cache:
         self._deleted_heap: list[tuple[int, str]] = []
         # Called with (key, entry) for each entry expire() drops (the change feed).
         self.on_expire: Callable[[str, Entry], None] | None = None
+        # The keys in order (dache.store.keyindex), built on first use by index();
+        # set() and delete() keep it in step, so every mutation path does.
+        self._index: KeyIndex | None = None
+        self.revision = 0  # the highest revision applied
+
+    def index(self) -> KeyIndex:
+        """The sorted key index, built (one sort) the first time it is asked for."""
+        if self._index is None:
+            self._index = KeyIndex(self._entries)
+        return self._index
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -135,8 +146,12 @@ class Cache:
         # One update of the byte count: a million of these at start-up.
         if old is None:
             self.bytes += len(key) + len(entry.body)
+            if self._index is not None:
+                self._index.add(key)
         else:
             self.bytes += len(entry.body) - len(old.body)
+        if revision > self.revision:
+            self.revision = revision
         if expiry is not None:
             heapq.heappush(self._expiries, (expiry, key))
         return entry
@@ -146,6 +161,8 @@ class Cache:
         if old is None:
             return False
         self.bytes -= len(old.body) + len(key)
+        if self._index is not None:
+            self._index.discard(key)
         return True
 
     # -- changes that may arrive out of revision order (several nodes)
@@ -174,6 +191,8 @@ class Cache:
         old = self._entries.get(key)
         if old is not None and old.revision > revision:
             return False
+        if revision > self.revision:
+            self.revision = revision
         if self._deleted is not None and revision > self._deleted.get(key, 0):
             self._deleted[key] = revision
             heapq.heappush(self._deleted_heap, (revision, key))

@@ -23,7 +23,8 @@ from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from dache.engines import SET, Change, Engine, EngineUnavailable, PreconditionFailed
+from dache.engines import DELETE, SET, Change, Engine, EngineUnavailable, PreconditionFailed
+from dache.engines.decide import Group, State, decide
 from dache.store.cache import Cache
 
 
@@ -106,6 +107,28 @@ class Committer:
             return
         self._queue(change, answer)
 
+    def submit_group(self, group: Group) -> Deferred[Group]:
+        """
+        Queue a group's changes into one batch, adjacent: they are decided
+        together (all or nothing) and made durable in one engine write. Fires
+        with the group once applied; errback with the first member's failure.
+        """
+        d: Deferred[Group] = Deferred()
+        if self._closing:
+            d.errback(ShuttingDown("dache is shutting down; retry on another node"))
+            return d
+        waiter = _GroupWaiter(group, d)
+        batch = self._queued
+        if batch is None:
+            batch = self._queued = _Batch()
+            if self._in_flight is not None:
+                self._start_timer(batch)
+        batch.changes.extend(group.changes)
+        batch.waiters.extend([waiter] * len(group.changes))
+        if self._in_flight is None:
+            self._flush()
+        return d
+
     def _queue(self, change: Change, waiter: Deferred[int] | Waiter) -> None:
         batch = self._queued
         if batch is None:
@@ -142,19 +165,24 @@ class Committer:
         self._queued = None
         self._in_flight = batch
         batch.in_flight = True
+        writes = batch.changes
         if not getattr(self.engine, "decides_preconditions", False) and any(
-            change.conditional for change in batch.changes
+            change.decided for change in writes
         ):
-            self._check_preconditions(batch)
-            if not batch.changes:
+            # Against memory as each change will find it (dache.engines.decide).
+            writes = decide(writes, self._state, self.revision + 1, self.clock.seconds())
+            self.revision += len(writes)
+            self._answer_rejected(batch)  # at once: nothing it waits for
+            if not writes:
                 self._answer(batch)
                 self._next()
                 return
-        for change in batch.changes:
-            self.revision += 1
-            change.revision = self.revision
+        else:
+            for change in writes:
+                self.revision += 1
+                change.revision = self.revision
         started = self.clock.seconds()
-        d = maybeDeferred(self.engine.write, batch.changes)
+        d = maybeDeferred(self.engine.write, writes)
         if not d.called and batch.timer is None:
             # Only a write still pending needs a timer (the memory engine's
             # never is): a timer per write costs a DelayedCall and its cancel.
@@ -171,33 +199,19 @@ class Committer:
         if batch.timer is not None and batch.timer.active():
             batch.timer.cancel()
 
-    def _check_preconditions(self, batch: _Batch) -> None:
-        """
-        Decide preconditions against memory as it will be when each change is
-        applied: memory holds every earlier batch (one batch is in flight at a
-        time), plus the earlier changes of this batch. A change whose
-        precondition fails is answered 412 and leaves the batch.
-        """
-        now = self.clock.seconds()
-        ahead: dict[str, int | None] = {}  # key -> revision after earlier changes here
-        next_revision = self.revision
+    def _answer_rejected(self, batch: _Batch) -> None:
         kept_changes, kept_waiters = [], []
         for change, waiter in zip(batch.changes, batch.waiters, strict=True):
-            next_revision += 1
-            if change.key in ahead:
-                current = ahead[change.key]
+            if change.rejected:
+                waiter.errback(Failure(_rejection(change)))
             else:
-                entry = self.cache.get(change.key, now)
-                current = None if entry is None else entry.revision
-            if change.conditional and not change.precondition_holds(current):
-                next_revision -= 1
-                if not batch.answered:
-                    waiter.errback(Failure(PreconditionFailed(current)))
-                continue
-            ahead[change.key] = next_revision if change.kind == SET else None
-            kept_changes.append(change)
-            kept_waiters.append(waiter)
+                kept_changes.append(change)
+                kept_waiters.append(waiter)
         batch.changes, batch.waiters = kept_changes, kept_waiters
+
+    def _state(self, key: str) -> State:
+        entry = self.cache.get(key, self.clock.seconds())
+        return None if entry is None else (entry.value_json, entry.expiry, entry.revision)
 
     def _written(self, _: object, batch: _Batch, started: float) -> None:
         self._stop_timer(batch)
@@ -209,11 +223,13 @@ class Committer:
             # applied from another node's change (see dache.store.follow).
             if change.kind == SET:
                 cache.apply_set(change.key, change.value_json, change.expiry, change.revision)
-            else:
+            elif change.kind == DELETE:
                 existed = change.key in cache  # a delete of nothing is no event
                 cache.apply_delete(change.key, change.revision)
                 if not existed:
                     continue
+            else:
+                continue  # a GET in a group is not a change
             for hook in applied_hooks:
                 hook(change)
         applied = [c.revision for c in batch.changes if not c.rejected]
@@ -234,7 +250,7 @@ class Committer:
         self._stop_timer(batch)
         for change, waiter in zip(batch.changes, batch.waiters, strict=True):
             if change.rejected:
-                waiter.errback(Failure(PreconditionFailed(change.revision or None)))
+                waiter.errback(Failure(_rejection(change)))
             else:
                 waiter.callback(change.revision)
 
@@ -281,3 +297,30 @@ class Committer:
         waiters, self._drained = self._drained, []
         for d in waiters:
             d.callback(None)
+
+
+def _rejection(change: Change) -> Exception:
+    """Why a change was rejected (dache.engines.decide): its error, or its precondition."""
+    return change.error or PreconditionFailed(change.revision or None)
+
+
+class _GroupWaiter:
+    """Every member's waiter: answers the group once all of them are applied, or the first error."""
+
+    __slots__ = ("group", "remaining", "answer")
+
+    def __init__(self, group: Group, answer: Deferred[Group]):
+        self.group = group
+        self.remaining = len(group.changes)
+        self.answer: Deferred[Group] | None = answer
+
+    def callback(self, revision: int) -> None:
+        self.remaining -= 1
+        if self.remaining == 0 and self.answer is not None:
+            answer, self.answer = self.answer, None
+            answer.callback(self.group)
+
+    def errback(self, failure: Failure) -> None:
+        if self.answer is not None:
+            answer, self.answer = self.answer, None
+            answer.errback(failure)

@@ -55,6 +55,8 @@ WRITE_FIELDS = ("value", "expiry", "ttl")
 _WRITE_FIELD_SET = frozenset(WRITE_FIELDS)
 # Latest expiry accepted: the end of year 9999 UTC, which every engine can store.
 MAX_EXPIRY = 253402300799.0
+# Longest ttl accepted (about 6,300 years): the OpenAPI document's bound, enforced.
+MAX_TTL = 200_000_000_000
 
 
 def parse_key(encoded: bytes, max_key_bytes: int) -> str:
@@ -163,6 +165,8 @@ def parse_write(body: bytes, key: str, now: float) -> Change:
         ttl = _number("ttl", ttl)
         if ttl <= 0:
             raise APIError(400, '"ttl" must be a positive number of seconds')
+        if ttl > MAX_TTL:
+            raise APIError(400, f'"ttl" must be at most {MAX_TTL} seconds')
         expiry = now + ttl
         if expiry > MAX_EXPIRY:
             raise APIError(400, '"ttl" reaches past 9999-12-31T23:59:59Z')
@@ -204,16 +208,13 @@ class DacheAPI:
     def resource(self) -> Resource:
         from dache.web.dispatch import DacheResource
 
-        for module in ROUTE_MODULES:  # their routes join the table before it is read
-            importlib.import_module(module)
+        declare_all_routes()  # the other modules' routes join the table before it is read
         return DacheResource(self)
 
     # -- routes
 
-    @app.route("/dache", methods=["GET", "HEAD", "POST", "PUT", "DELETE"])
-    def empty_key(self, request: IRequest) -> Any:
-        if self.watch is not None and request.method == b"GET" and self.watch.wants(request):
-            return self.watch.stream(request)  # see dache.web.watch
+    @app.route("/dache", methods=["PUT"])  # GET (list, watch), DELETE, POST: dache.web.keyspace
+    def empty_key(self, request: IRequest) -> bytes:
         raise APIError(400, "key must not be empty: use /dache/<key>")
 
     @app.route("/dache/<path:key>", methods=["GET", "HEAD"])
@@ -223,6 +224,11 @@ class DacheAPI:
         entry = self.cache.get(key, self.clock.seconds())
         if entry is None:
             raise APIError(404, "key not found")
+        if request.requestHeaders.hasHeader(b"if-none-match"):
+            from dache.web.keyspace import not_modified  # (it builds on this module)
+
+            if not_modified(request, entry.revision):
+                return b""
         request.setHeader(b"content-type", JSON)
         request.setHeader(b"etag", etag(entry.revision))
         return entry.body
@@ -304,4 +310,10 @@ DacheAPI.app.url_map.merge_slashes = False
 DacheAPI.app.url_map.strict_slashes = False
 
 # Modules declaring more routes on DacheAPI.app (see the top of this module).
-ROUTE_MODULES: tuple[str, ...] = ()
+ROUTE_MODULES: tuple[str, ...] = ("dache.web.keyspace",)
+
+
+def declare_all_routes() -> None:
+    """Import ROUTE_MODULES, so DacheAPI.app holds every route."""
+    for module in ROUTE_MODULES:
+        importlib.import_module(module)

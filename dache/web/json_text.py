@@ -131,3 +131,36 @@ def object_members(text: str) -> dict[str, tuple[Any, int, int]]:
     except ValueError:  # JSONDecodeError from the scanner
         raise _why_invalid(text) from None
     return members
+
+
+def array_items(text: str, start: int) -> list[tuple[Any, int, int]]:
+    """
+    The items of the JSON array at text[start] (already validated, e.g. a member
+    found by object_members): (value, start, end) for each, text[start:end] the
+    item's JSON text as sent.
+    """
+    items: list[tuple[Any, int, int]] = []
+    i = _skip(text, start + 1).end()
+    if text[i : i + 1] == "]":
+        return items
+    while True:
+        item_start = i
+        value, i = _scan_value(text, item_start)
+        items.append((value, item_start, i))
+        i = _skip(text, i).end()
+        if text[i : i + 1] == "]":
+            return items
+        i = _skip(text, i + 1).end()  # past the ","
+
+
+def decode(text: str) -> Any:
+    """json.loads with this module's rules (no NaN, no digit-limit ValueError, MAX_DEPTH)."""
+    _check_depth(text)
+    try:
+        return _DECODER.decode(text)
+    except BadJSON:
+        raise
+    except RecursionError:
+        raise BadJSON("nested too deeply") from None
+    except ValueError as e:
+        raise BadJSON(str(e)) from None

@@ -51,8 +51,9 @@ ROUTES = {
     b"/health/live": "/health/live",
     b"/health/ready": "/health/ready",
     b"/metrics": "/metrics",
+    b"/dache": "/dache",  # the key space: list, range delete, batches
 }
-METHODS = {m: m.decode("ascii") for m in (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE")}
+METHODS = {m: m.decode("ascii") for m in (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"PATCH")}
 
 # Bucket bounds, in seconds or changes. A cache answers in well under a
 # millisecond, so request latency starts at 50 microseconds.

@@ -1,0 +1,193 @@
+"""
+The key-space routes (a ROUTE_MODULES entry of dache.web.api):
+
+    GET    /dache?prefix=&limit=&after=&values=&count=   list in key order
+    DELETE /dache?prefix=<p>                            range delete, one batch
+    POST   /dache {"ops": [...]}                        atomic batch / multi-get
+    PATCH  /dache/<key> {"ttl"|"expiry"|"increment"}    touch and increment
+
+Reads come from memory (dache.store.listing); every write goes through the
+committer, decided in commit order (dache.engines.decide), so these have the
+guarantees of single-key writes: durable before visible, one order, bad input
+a 4xx JSON error that changes nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+
+from dache.engines import DELETE, GET, Change, PreconditionFailed
+from dache.engines.decide import Group, KeyAbsent, NotANumber
+from dache.rendering import render_json, render_key
+from dache.store import listing
+from dache.store.cache import Entry
+from dache.web.answer import JSON, APIError, error
+from dache.web.api import DacheAPI, apply_preconditions, etag, parse_etags
+from dache.web.ops import parse_batch, parse_list, parse_patch, parse_prefix_delete
+
+# Why a group member was rejected -> the answer's status.
+_STATUS = {PreconditionFailed: 412, KeyAbsent: 404, NotANumber: 409}
+
+
+def _json(request: IRequest, body: bytes, status: int = 200) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", JSON)
+    return body
+
+
+def _body(api: DacheAPI, request: IRequest) -> bytes:
+    body = request.content.read() if request.content is not None else b""
+    if len(body) > api.max_value_bytes:
+        raise APIError(413, f"body is over the {api.max_value_bytes}-byte limit")
+    return body
+
+
+def listed(entry: Entry) -> bytes:
+    """An entry with its revision: its pre-rendered body with "revision" in front."""
+    return b'{"revision":%d,%b' % (entry.revision, entry.body[1:])
+
+
+def rendered(key: str, value_json: bytes, expiry: float | None, revision: int) -> bytes:
+    return listed(Entry.render(render_key(key), value_json, expiry, revision))
+
+
+# -- GET /dache
+
+
+@DacheAPI.app.route("/dache", methods=["GET", "HEAD"])
+def list_keys(api: DacheAPI, request: IRequest) -> Any:
+    if api.watch is not None and request.method == b"GET" and api.watch.wants(request):
+        return api.watch.stream(request)  # GET /dache?watch=true: dache.web.watch
+    query = parse_list(request)
+    now = api.clock.seconds()
+    if query.count:
+        return _json(request, render_json({"count": listing.count(api.cache, query.prefix, now)}))
+    found, after = listing.page(api.cache, query.prefix, query.after, query.limit, now)
+    if query.values:
+        entries = [listed(entry) for _, entry in found]
+    else:
+        entries = [b'{"key":%b,"revision":%d}' % (render_key(k), e.revision) for k, e in found]
+    return _json(
+        request,
+        b'{"entries":[%b],"next":%b,"revision":%d}'
+        % (b",".join(entries), render_json(after), api.cache.revision),
+    )
+
+
+# -- DELETE /dache?prefix=
+
+
+@DacheAPI.app.route("/dache", methods=["DELETE"])
+def delete_prefix(api: DacheAPI, request: IRequest) -> bytes | Deferred[bytes]:
+    prefix = parse_prefix_delete(request)
+    keys = listing.keys_under(api.cache, prefix, api.clock.seconds())
+    if not keys:
+        return _json(request, b'{"deleted":0}')
+    d = api.committer.submit_group(Group([Change.delete(key) for key in keys]))
+    d.addCallback(lambda _: _json(request, b'{"deleted":%d}' % len(keys)))
+    return d.addErrback(api.write_failed, request)
+
+
+# -- POST /dache
+
+
+@DacheAPI.app.route("/dache", methods=["POST"])
+def batch(api: DacheAPI, request: IRequest) -> bytes | Deferred[bytes]:
+    changes = parse_batch(_body(api, request), api.max_key_bytes, api.clock.seconds())
+    if all(change.kind == GET for change in changes):
+        return _json(request, _multi_get(api, changes))  # from memory: no engine
+    group = Group(changes)
+    d = api.committer.submit_group(group)
+    d.addCallbacks(_batch_done, _batch_failed, (request,), None, (api, request, group))
+    return d
+
+
+def _multi_get(api: DacheAPI, changes: list[Change]) -> bytes:
+    now = api.clock.seconds()
+    results = []
+    for change in changes:
+        entry = api.cache.get(change.key, now)
+        results.append(b"null" if entry is None else listed(entry))
+    return b'{"results":[%b]}' % b",".join(results)
+
+
+def _result(change: Change) -> bytes:
+    if change.kind != GET:
+        return b"%d" % change.revision
+    if change.value_json is None:
+        return b"null"
+    return rendered(change.key, change.value_json, change.expiry, change.revision)
+
+
+def _batch_done(group: Group, request: IRequest) -> bytes:
+    results = b",".join(_result(change) for change in group.changes)
+    return _json(request, b'{"results":[%b]}' % results)
+
+
+def _batch_failed(failure: Failure, api: DacheAPI, request: IRequest, group: Group) -> Any:
+    failed = group.failed
+    if not failed:  # the engine, a timeout, shutting down: as a single write
+        return api.write_failed(failure, request)
+    first = group.changes[failed[0]]
+    error = first.error
+    status = 412 if error is None else _STATUS.get(type(error), 409)
+    if error is None:
+        what = "absent" if not first.revision else f"at revision {first.revision}"
+        message = f"precondition failed for ops[{failed[0]}]: the key is {what}"
+    else:
+        message = f"ops[{failed[0]}]: {error}"
+    body = render_json({"error": message, "failed": failed})
+    return _json(request, body, status)
+
+
+# -- PATCH /dache/<key>
+
+
+@DacheAPI.app.route("/dache/<path:key>", methods=["PATCH"])
+def patch(api: DacheAPI, request: IRequest, key: str) -> Deferred[bytes]:
+    change = parse_patch(_body(api, request), key, api.clock.seconds())
+    apply_preconditions(request, change)
+    d = api.committer.submit(change)
+    d.addCallbacks(_patched, _patch_failed, (change, request), None, (api, request))
+    return d
+
+
+def _patched(revision: int, change: Change, request: IRequest) -> bytes:
+    request.setHeader(b"etag", etag(revision))
+    if change.kind == DELETE:  # an expiry in the past: the key is gone, as for POST
+        request.setResponseCode(204)
+        return b""
+    assert change.value_json is not None
+    body = Entry.render(render_key(change.key), change.value_json, change.expiry, revision).body
+    return _json(request, body)
+
+
+def _patch_failed(failure: Failure, api: DacheAPI, request: IRequest) -> Any:
+    if failure.check(KeyAbsent):
+        return error(request, 404, "key not found")
+    if failure.check(NotANumber):
+        return error(request, 409, str(failure.value))
+    return api.write_failed(failure, request)
+
+
+# -- conditional GET
+
+
+def not_modified(request: IRequest, revision: int) -> bool:
+    """
+    GET with If-None-Match naming the entry's current ETag (or *): answer 304
+    with the ETag and no body.
+    """
+    header = request.getHeader(b"if-none-match")
+    if header is None:
+        return False
+    tags = parse_etags(header, "If-None-Match")
+    if tags == "*" or (isinstance(tags, tuple) and revision in tags):
+        request.setResponseCode(304)
+        request.setHeader(b"etag", etag(revision))
+        return True
+    return False
