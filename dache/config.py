@@ -296,6 +296,13 @@ SETTINGS: list[Setting] = [
         "Serve Prometheus metrics at /metrics and count requests for them.",
     ),
     Setting(
+        "UI",
+        "ui",
+        "true",
+        parse_bool,
+        "Serve the web console at /ui; false turns it off (404).",
+    ),
+    Setting(
         "HEALTH_TIMEOUT",
         "health-timeout",
         "1",

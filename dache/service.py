@@ -164,6 +164,7 @@ class DacheService(service.Service):
             metrics=self.metrics,
             access=Access.from_config(config),
         )
+        self.api.ui_enabled = config.ui
         self.watchers = attach_watch(
             self.api,
             self.committer,

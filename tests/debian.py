@@ -12,8 +12,9 @@ def ensure(package: str, present: Callable[[], bool]) -> None:
     if present():
         return
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, timeout=600)
-    install = ["apt-get", "install", "-y", "-q", package]
+    wait = ["-o", "DPkg::Lock::Timeout=300"]  # another apt-get on the machine: wait, not fail
+    subprocess.run(["apt-get", *wait, "update", "-q"], env=env, capture_output=True, timeout=600)
+    install = ["apt-get", *wait, "install", "-y", "-q", package]
     subprocess.run(install, env=env, capture_output=True, timeout=600)
     if not present():
         raise RuntimeError(f"the Debian package {package} is missing and could not be installed")

@@ -204,6 +204,7 @@ class DacheAPI:
         self.monitor = health
         self.metrics = metrics  # None: METRICS=false
         self.watch: Any = None  # a dache.web.watch.Watchers, once attached
+        self.ui_enabled = True  # the web console at /ui (dache.web.ui); UI=false: 404
 
     def resource(self) -> Resource:
         from dache.web.dispatch import DacheResource
@@ -310,7 +311,7 @@ DacheAPI.app.url_map.merge_slashes = False
 DacheAPI.app.url_map.strict_slashes = False
 
 # Modules declaring more routes on DacheAPI.app (see the top of this module).
-ROUTE_MODULES: tuple[str, ...] = ("dache.web.keyspace",)
+ROUTE_MODULES: tuple[str, ...] = ("dache.web.keyspace", "dache.web.ui")
 
 
 def declare_all_routes() -> None:

@@ -26,6 +26,7 @@ from twisted.web.iweb import IRequest
 
 from dache.config import Config, ConfigError
 from dache.rendering import render_json
+from dache.web import ui
 
 READ_METHODS = frozenset((b"GET", b"HEAD"))
 HEALTH = b"/health"
@@ -106,6 +107,8 @@ class Access:
             may_write = hmac.compare_digest(digest, self._write)
             may_read = hmac.compare_digest(digest, self._read) or may_write
         path = request.path
+        if ui.is_console(path):
+            return None  # static files, no data: the page asks for a token itself
         if path == HEALTH or path.startswith(HEALTH + b"/"):
             # Open, but the detail stays behind a token (dache.web.health.respond).
             request.health_detail = may_read
