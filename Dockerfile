@@ -36,6 +36,10 @@ ENV PATH=/opt/dache/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     DISK_PATH=/var/lib/dache
+# A memory bound (README "Memory and eviction"): give the container's limit
+# room for MAX_MEMORY, the process's ~60 MiB baseline and 25 % on top, e.g.
+#   docker run -m 1400m -e MAX_MEMORY=1gb -e EVICTION_POLICY=allkeys-lru ...
+#ENV MAX_MEMORY=1gb EVICTION_POLICY=allkeys-lru
 VOLUME /var/lib/dache
 WORKDIR /var/lib/dache
 # Numeric, so Kubernetes' runAsNonRoot can check it.

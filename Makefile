@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install run test lint format bench postgres-bin clean torture
+.PHONY: install run test lint format bench postgres-bin clean torture deploy-check
 
 install: $(STAMP)
 
@@ -42,12 +42,21 @@ bench: install postgres-bin
 	@sh bench/ensure-tools.sh
 	$(BIN)/python -m bench.run $(if $(QUICK),--quick,)
 	$(BIN)/python -m bench.keyspace $(if $(QUICK),--quick,)
+	$(BIN)/python -m bench.memory $(if $(QUICK),--quick,)
 
 # The history checker under every nemesis (tests/faults/torture.py): MINUTES
 # (default 10), SEED (default: the time), OUT (default: /tmp/dache-torture).
 MINUTES ?= 10
 torture: install postgres-bin
 	$(BIN)/python -m tests.faults.torture --minutes $(MINUTES) $(if $(SEED),--seed $(SEED),) $(if $(OUT),--out $(OUT),)
+
+# The Dockerfile built and run with podman, deploy/dache.service + dache.socket under a booted
+# systemd (podman, runc, mmdebstrap installed when missing; images cached in podman's storage),
+# and the static checks of both. README "Deploying" / "Verified".
+DEPLOY_TESTS := tests/test_deploy_image.py tests/test_deploy_systemd_boot.py \
+	tests/test_deploy_docker.py tests/test_deploy_systemd.py
+deploy-check: install postgres-bin
+	$(BIN)/python -m pytest $(DEPLOY_TESTS) $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info dache-data

@@ -19,6 +19,7 @@ from twisted.python import usage
 from dache.engines import REGISTRY
 from dache.engines.pg_schema import parse_table_name
 from dache.errors import ConfigError
+from dache.store.eviction import POLICIES as EVICTION_POLICIES
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,19 @@ def one_of(*choices: str) -> Callable[[str], str]:
         return value
 
     return parse
+
+
+_SIZE_SUFFIXES = {"": 1, "b": 1, "kb": 1024, "mb": 1024**2, "gb": 1024**3, "tb": 1024**4}
+
+
+def byte_size(text: str) -> int:
+    """A size like 536870912, 512mb or 2gb (Redis's units, powers of 1024); 0 allowed."""
+    cleaned = text.strip().lower()
+    digits = cleaned.rstrip("kmgtb")
+    suffix = cleaned[len(digits) :]
+    if not digits.isdigit() or suffix not in _SIZE_SUFFIXES:
+        raise ValueError("must be a number of bytes, optionally with kb, mb or gb (e.g. 512mb)")
+    return int(digits) * _SIZE_SUFFIXES[suffix]
 
 
 def plain_text(text: str) -> str:
@@ -424,6 +438,24 @@ SETTINGS: list[Setting] = [
         "10000",
         positive_int,
         "Most watch streams and blocking reads open at once; more get 503.",
+    ),
+    # -- the memory bound (dache/store/eviction.py)
+    Setting(
+        "MAX_MEMORY",
+        "max-memory",
+        "0",
+        byte_size,
+        "Bytes the entries may take in memory (e.g. 512mb, 2gb); 0: no bound. Past it, "
+        "EVICTION_POLICY decides.",
+    ),
+    Setting(
+        "EVICTION_POLICY",
+        "eviction-policy",
+        "noeviction",
+        one_of(*EVICTION_POLICIES),
+        "What a write that needs room past MAX_MEMORY does: noeviction answers 507; the "
+        "others delete entries (allkeys-* any key, volatile-* keys with an expiry) by "
+        "least recent use, least frequent use, at random, or soonest expiry (volatile-ttl).",
     ),
 ]
 

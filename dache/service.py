@@ -25,13 +25,14 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from dache import gcpolicy, systemd
+from dache import gcpolicy, mallocpolicy, systemd
 from dache.config import Config
 from dache.engines import SET, Change, create_engine
 from dache.errors import ConfigError, StartupError
 from dache.logs import offer_observer
 from dache.store.cache import Cache
 from dache.store.committer import Committer
+from dache.store.eviction import LoadBound, MemoryBound
 from dache.store.follow import FollowedCache
 from dache.web import twisted_private
 from dache.web.api import DacheAPI
@@ -71,6 +72,8 @@ class DacheService(service.Service):
         self.config = config
         self.reactor = reactor
         self.cache = Cache()
+        self.bound = MemoryBound(self.cache, config.max_memory, config.eviction_policy)
+        self._loading = LoadBound(self.bound, config.max_memory)
         self.engine: Any = None
         self.committer: Committer | None = None
         self.api: DacheAPI | None = None
@@ -114,11 +117,14 @@ class DacheService(service.Service):
             followed = FollowedCache(self.cache, reactor)
             follow(followed)
 
+        if config.max_memory:
+            mallocpolicy.bound_heap()  # see dache.mallocpolicy: RSS near what is held
         began = time.monotonic()
         gcpolicy.pause()  # see dache.gcpolicy: the load makes no cycles
         try:
             yield self.engine.load(self._apply_loaded)
             self.cache.expire(reactor.seconds())
+            self._loading.finished()  # over MAX_MEMORY with noeviction: StartupError
             self.cache.index()  # one sort now, so the first list by prefix is fast
         finally:
             gcpolicy.settle()
@@ -139,7 +145,17 @@ class DacheService(service.Service):
             write_timeout=config.write_timeout,
             # A deleted key's revision is gone from the cache but not from the engine.
             revision=max(self.cache.max_revision(), getattr(self.engine, "revision", 0)),
+            bound=self.bound,
         )
+        if self._loading.evicted:  # durable before the node serves
+            count = yield self._loading.delete_evicted(self.committer)
+            self.log.info(
+                "evicted {count} entries while loading: the engine held more than "
+                "MAX_MEMORY={limit} bytes (EVICTION_POLICY={policy})",
+                count=count,
+                limit=config.max_memory,
+                policy=config.eviction_policy,
+            )
         self._sweeper = LoopingCall(self._sweep)
         self._sweeper.clock = reactor
         self._sweeper.start(SWEEP_INTERVAL, now=False)
@@ -218,9 +234,14 @@ class DacheService(service.Service):
             self.cache.set(change.key, change.value_json, change.expiry, change.revision)
         else:
             self.cache.delete(change.key)
+        if self._loading.active:  # MAX_MEMORY: evict while loading, or refuse to start
+            self._loading.loaded(change)
 
     def _sweep(self) -> None:
         self.cache.expire(self.reactor.seconds())
+        if self.committer is not None and self.bound.over():
+            # Other nodes' changes (PostgreSQL) grew memory past our limit.
+            self.bound.enforce(self.committer.submit_to)
 
     def _start_failed(self, failure: Failure) -> None:
         if failure.check(CancelledError) and not self.running:

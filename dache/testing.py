@@ -18,6 +18,7 @@ from dache.engines import Engine
 from dache.engines.memory import MemoryEngine
 from dache.store.cache import Cache
 from dache.store.committer import Committer
+from dache.store.eviction import MemoryBound
 from dache.web.api import DacheAPI
 from dache.web.watch import attach as attach_watch
 
@@ -37,6 +38,8 @@ class MemoryNode:
         engine: Engine | None = None,
         clock: Any = None,
         write_timeout: float = 2.0,
+        max_memory: int = 0,
+        eviction_policy: str = "noeviction",
         **api_options: Any,
     ):
         self.clock = clock if clock is not None else Clock()
@@ -44,7 +47,10 @@ class MemoryNode:
             self.clock.advance(1_700_000_000)  # a realistic "now" for expiry tests
         self.engine = engine if engine is not None else MemoryEngine()
         self.cache = Cache()
-        self.committer = Committer(self.engine, self.cache, self.clock, write_timeout)
+        self.bound = MemoryBound(self.cache, max_memory, eviction_policy)
+        self.committer = Committer(
+            self.engine, self.cache, self.clock, write_timeout, bound=self.bound
+        )
         self.api = DacheAPI(self.cache, self.committer, self.clock, **api_options)
         self.watchers = attach_watch(self.api, self.committer, self.cache, self.clock)
         self.http = StubTreq(self.api.resource())

@@ -25,3 +25,13 @@ def dache_process(tmp_path):
     yield start
     for process in started:
         process.stop()
+
+
+def pytest_terminal_summary(terminalreporter):
+    """What the deploy tests observed (image size, exposure score, ...), for the reader."""
+    from tests.podman import REPORT
+
+    if REPORT:
+        terminalreporter.section("deploy checks observed")
+        for line in REPORT:
+            terminalreporter.write_line(line)

@@ -22,23 +22,39 @@ from dache.store.keyindex import KeyIndex
 _OFFSET_BITS = 32
 _OFFSET_MASK = (1 << _OFFSET_BITS) - 1
 
+# What an entry's objects cost beyond its key's and body's characters,
+# measured (CPython 3.11, 64-bit): RSS growth of a process filling a Cache
+# with 300,000 entries, less their keys and bodies, per entry (221 B with
+# 1 KiB and 100 B values, 207 B with 16 B ones: the key's str header and the
+# body's bytes header, the Entry, its packed int, the dict slot, malloc's
+# own header). An expiry adds a float, a tuple and a heap item (+161 B).
+# docs/DESIGN.md "Memory and eviction" says how to measure it again.
+ENTRY_OVERHEAD = 224
+EXPIRY_OVERHEAD = 160
+
 
 class Entry:
     """
     One live key: its pre-rendered body, expiry and revision.
 
-    Two slots, not four, because a cache holds millions of these: an object
-    with four slots takes 64 bytes (with the collector's header), one with two
-    takes 48. The revision and the value's offset in the body share one int
-    (revision << 32 | offset); an entry with an expiry holds (expiry, that int).
+    Three slots, not five, because a cache holds millions of these: an object
+    with three slots takes 64 bytes (with the collector's header). The revision
+    and the value's offset in the body share one int (revision << 32 | offset);
+    an entry with an expiry holds (expiry, that int). `use` is the eviction
+    policy's one small int (dache.store.eviction): the LRU clock tick of its
+    last use, or the LFU (period << 8 | counter); always a shared int object,
+    so a read that stores it allocates nothing.
     """
 
-    __slots__ = ("body", "_meta")
+    __slots__ = ("body", "_meta", "use")
 
-    def __init__(self, body: bytes, value_offset: int, expiry: float | None, revision: int):
+    def __init__(
+        self, body: bytes, value_offset: int, expiry: float | None, revision: int, use: int = 0
+    ):
         self.body = body
         packed = revision << _OFFSET_BITS | value_offset
         self._meta: int | tuple[float, int] = packed if expiry is None else (expiry, packed)
+        self.use = use
 
     @property
     def expiry(self) -> float | None:
@@ -87,6 +103,14 @@ class Cache:
         self._entries: dict[str, Entry] = {}
         self._expiries: list[tuple[float, str]] = []
         self.bytes = 0  # approximate: keys + bodies
+        self.with_expiry = 0  # entries that have an expiry (they cost more: see `used`)
+        # The `use` a new or rewritten entry starts with; the eviction policy
+        # keeps it current (dache.store.eviction.Tracker).
+        self.new_use = 0
+        # Keys to sample from for allkeys-* eviction (dache.store.eviction):
+        # appended when a key is new, removed lazily when sampled. None: not kept.
+        self.sample_keys: list[str] | None = None
+        self.entry_overhead = ENTRY_OVERHEAD  # + a list slot while sample_keys is kept
         self.expired_total = 0  # entries removed because they expired
         # key -> revision of its latest delete, kept only while changes can
         # still arrive out of order (see remember_deletes); None: not kept.
@@ -110,6 +134,26 @@ class Cache:
 
     def __contains__(self, key: str) -> bool:
         return key in self._entries
+
+    @property
+    def used(self) -> int:
+        """
+        Bytes the entries really take: keys and bodies, plus what each entry's
+        objects cost beyond them (measured: see ENTRY_OVERHEAD).
+        """
+        return (
+            self.bytes
+            + self.entry_overhead * len(self._entries)
+            + EXPIRY_OVERHEAD * self.with_expiry
+        )
+
+    def cost(self, key: str, body_length: int, has_expiry: bool) -> int:
+        """What one entry adds to `used` (the committer's projection before a write)."""
+        extra = self.entry_overhead + (EXPIRY_OVERHEAD if has_expiry else 0)
+        return len(key) + body_length + extra
+
+    def entry_cost(self, key: str, entry: Entry) -> int:
+        return self.cost(key, len(entry.body), entry._meta.__class__ is tuple)
 
     def get(self, key: str, now: float) -> Entry | None:
         """The live entry for key at `now`, or None (missing or expired)."""
@@ -137,9 +181,11 @@ class Cache:
             key_json = render_key(key)
         if expiry is None:  # Entry.render, inlined: a million of these at start-up
             body = b'{"key":%b,"value":%b}' % (key_json, value_json)
-            entry = Entry(body, len(key_json) + 16, None, revision)
+            entry = Entry(body, len(key_json) + 16, None, revision, self.new_use)
         else:
             entry = Entry.render(key_json, value_json, expiry, revision)
+            entry.use = self.new_use
+            self.with_expiry += 1
         entries = self._entries
         old = entries.get(key)
         entries[key] = entry
@@ -148,8 +194,12 @@ class Cache:
             self.bytes += len(key) + len(entry.body)
             if self._index is not None:
                 self._index.add(key)
+            if self.sample_keys is not None:
+                self.sample_keys.append(key)
         else:
             self.bytes += len(entry.body) - len(old.body)
+            if old._meta.__class__ is tuple:
+                self.with_expiry -= 1
         if revision > self.revision:
             self.revision = revision
         if expiry is not None:
@@ -161,6 +211,8 @@ class Cache:
         if old is None:
             return False
         self.bytes -= len(old.body) + len(key)
+        if old._meta.__class__ is tuple:
+            self.with_expiry -= 1
         if self._index is not None:
             self._index.discard(key)
         return True

@@ -23,9 +23,10 @@ from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from dache.engines import DELETE, SET, Change, Engine, EngineUnavailable, PreconditionFailed
+from dache.engines import DELETE, GET, SET, Change, Engine, EngineUnavailable, PreconditionFailed
 from dache.engines.decide import Group, State, decide
 from dache.store.cache import Cache
+from dache.store.eviction import MemoryBound
 
 
 class WriteTimeout(EngineUnavailable):
@@ -69,12 +70,16 @@ class Committer:
         clock: Any,
         write_timeout: float = 2.0,
         revision: int = 0,
+        bound: MemoryBound | None = None,
     ):
         self.engine = engine
         self.cache = cache
         self.clock = clock
         self.write_timeout = write_timeout
         self.revision = revision  # last revision handed out
+        # MAX_MEMORY (dache.store.eviction): refusals and evictions, decided per batch.
+        self.memory = bound  # for health and metrics, even when it has no limit
+        self.bound = bound if bound is not None and bound.limit else None
         self._queued: _Batch | None = None
         self._in_flight: _Batch | None = None
         self._closing = False
@@ -181,6 +186,12 @@ class Committer:
             for change in writes:
                 self.revision += 1
                 change.revision = self.revision
+        if self.bound is not None:
+            writes = self._admit(batch, writes)
+            if not writes:
+                self._answer(batch)
+                self._next()
+                return
         started = self.clock.seconds()
         d = maybeDeferred(self.engine.write, writes)
         if not d.called and batch.timer is None:
@@ -198,6 +209,26 @@ class Committer:
     def _stop_timer(batch: _Batch) -> None:
         if batch.timer is not None and batch.timer.active():
             batch.timer.cancel()
+
+    def _admit(self, batch: _Batch, writes: list[Change]) -> list[Change]:
+        """
+        MAX_MEMORY (dache.store.eviction): refuse (507) what does not fit, or
+        make room: eviction deletes join this batch. When that changed the
+        batch, its writes get this batch's revisions again, in batch order.
+        """
+        bound = self.bound
+        assert bound is not None
+        bound.tick(self.clock.seconds())
+        changes, waiters, changed = bound.admit(batch.changes, batch.waiters, batch.answered)
+        if not changed:
+            return writes
+        first = writes[0].revision
+        batch.changes, batch.waiters = changes, waiters
+        writes = [change for change in changes if change.kind != GET]
+        for number, change in enumerate(writes, first):
+            change.revision = number
+        self.revision = first + len(writes) - 1
+        return writes
 
     def _answer_rejected(self, batch: _Batch) -> None:
         kept_changes, kept_waiters = [], []

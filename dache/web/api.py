@@ -41,6 +41,7 @@ from dache.engines import ANY, Change, EngineUnavailable, PreconditionFailed
 from dache.rendering import render_json
 from dache.store.cache import Cache
 from dache.store.committer import Committer
+from dache.store.eviction import OutOfMemory
 from dache.web.answer import JSON, APIError, error
 from dache.web.health import HealthMonitor
 from dache.web.health import respond as health_response
@@ -291,6 +292,8 @@ class DacheAPI:
             return error(
                 request, 412, f'precondition failed: the key\'s current ETag is "{current}"'
             )
+        if failure.check(OutOfMemory):  # MAX_MEMORY (dache.store.eviction)
+            return error(request, 507, str(failure.value))
         if failure.check(EngineUnavailable):
             request.setHeader(b"retry-after", b"1")
             return error(request, 503, str(failure.value))

@@ -215,6 +215,9 @@ class HealthMonitor:
             "engine:writes": [writes_check],
             "cache:entries": [self._measure(len(self.cache), None, stamp)],
             "cache:bytes": [self._measure(self.cache.bytes, "bytes", stamp)],
+            # MAX_MEMORY (dache.store.eviction): what the entries take, and the limit (0: none).
+            "memory:used": [self._measure(self.cache.used, "bytes", stamp)],
+            "memory:limit": [self._measure(self._memory_limit(), "bytes", stamp)],
             "uptime": [
                 {
                     "componentType": "system",
@@ -226,6 +229,10 @@ class HealthMonitor:
             ],
         }
         return (503 if status == FAIL else 200), document
+
+    def _memory_limit(self) -> int:
+        bound = getattr(self.committer, "memory", None)
+        return 0 if bound is None else bound.limit
 
     @staticmethod
     def _measure(value: int, unit: str | None, stamp: str) -> dict[str, Any]:

@@ -115,6 +115,7 @@ class Metrics:
         process: bool = True,
     ):
         self.cache = cache
+        self.memory = getattr(committer, "memory", None)  # dache.store.eviction.MemoryBound
         self.monitor = monitor
         self.engine_name = monitor.engine.name
         self.load_seconds = load_seconds
@@ -169,6 +170,33 @@ class Metrics:
         request.setHeader(b"content-type", content_type.encode("ascii"))
         request.setHeader(b"cache-control", b"no-store")
         return encode(self.registry)
+
+
+def memory_metrics(cache: Cache, bound: Any) -> Iterator[Metric]:
+    """MAX_MEMORY: used and limit, evictions by policy, writes refused for memory."""
+    used = GaugeMetricFamily(
+        "dache_memory_used_bytes",
+        "Bytes the entries take in memory (keys, bodies, per-entry overhead), as MAX_MEMORY "
+        "counts them.",
+    )
+    used.add_metric([], cache.used)
+    yield used
+    limit = GaugeMetricFamily("dache_memory_limit_bytes", "MAX_MEMORY (0: no limit).")
+    limit.add_metric([], 0 if bound is None else bound.limit)
+    yield limit
+    evicted = CounterMetricFamily(
+        "dache_evicted_keys",
+        "Keys deleted (durably) to stay within MAX_MEMORY.",
+        labels=["policy"],
+    )
+    policy = "noeviction" if bound is None else bound.policy
+    evicted.add_metric([policy], 0 if bound is None else bound.evicted)
+    yield evicted
+    refused = CounterMetricFamily(
+        "dache_writes_refused", "Writes refused (507) for want of memory.", labels=["reason"]
+    )
+    refused.add_metric(["memory"], 0 if bound is None else bound.refused)
+    yield refused
 
 
 def watch_metrics(watchers: Any) -> Iterator[Metric]:
@@ -256,6 +284,7 @@ class _DacheCollector:
             )
             load.add_metric([], m.load_seconds)
             yield load
+        yield from memory_metrics(m.cache, m.memory)
         if m.watchers is not None:
             yield from watch_metrics(m.watchers)
         yield InfoMetricFamily("dache_build", "dache's version.", value={"version": m.release})
