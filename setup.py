@@ -38,6 +38,7 @@ setup(
             "matplotlib>=3.8",
             "py-spy>=0.3",  # bench.profile: sampling profiles of a server under load
             "pyinstrument>=4.6",
+            "redis>=5",  # bench.peers: preloading Redis, reading its INFO
         ],
     },
     classifiers=[

@@ -33,3 +33,12 @@ def database_env(server: Any) -> dict[str, str]:
 
 def stop_cluster(server: Any) -> None:
     server.destroy()
+
+
+def postmaster_pid(server: Any) -> int | None:
+    """The cluster's postmaster (pg_ctl daemonizes it, so it is no child of ours)."""
+    try:
+        with open(os.path.join(server.data, "postmaster.pid")) as f:
+            return int(f.readline())
+    except (OSError, ValueError):
+        return None

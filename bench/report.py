@@ -12,7 +12,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from bench.load import Sample
-from bench.scenarios import PEERS, Scenario
+from bench.neighbours import LOADED_SHARE
+from bench.peers import RedisStartup, RespSample
+from bench.scenarios import PEER_KINDS, PEERS, WHOLE_MACHINE_KINDS, Scenario
 from bench.startup import Startup
 
 Key = tuple[str, int, int]
@@ -31,6 +33,12 @@ class Context:
     load_after: tuple[float, float, float]
     elapsed: float
     machine: str
+    others_share: float | None = None  # other work's share of the CPU during the rounds
+
+    @property
+    def loaded(self) -> bool:
+        """Shared with other work: a load average of 1 before, or others' CPU during."""
+        return self.load_before[0] >= 1 or (self.others_share or 0) >= LOADED_SHARE
 
 
 @dataclass
@@ -43,6 +51,7 @@ class Target:
 
 def median_sample(samples: list[Sample]) -> Sample:
     cpu = [s.cpu_us for s in samples if s.cpu_us is not None]
+    shares = [s.load_share for s in samples if s.load_share is not None]
     return Sample(
         rps=statistics.median(s.rps for s in samples),
         p50_ms=statistics.median(s.p50_ms for s in samples),
@@ -51,6 +60,7 @@ def median_sample(samples: list[Sample]) -> Sample:
         non2xx=sum(s.non2xx for s in samples),
         errors=sum(s.errors for s in samples),
         cpu_us=statistics.median(cpu) if cpu else None,
+        load_share=statistics.median(shares) if shares else None,
     )
 
 
@@ -176,6 +186,8 @@ def markdown(
     startups: list[Startup],
     rss: Mapping[str, int],
     profiles: Mapping[str, str] | None = None,
+    resp: Mapping[tuple[str, int], list[dict[str, RespSample]]] | None = None,
+    redis_startup: RedisStartup | None = None,
 ) -> str:
     out: list[str] = []
     w = out.append
@@ -207,9 +219,21 @@ def markdown(
         for key, rounds in runs.samples.items()
         if key[0].startswith("ceiling") and (spread := _spread(rounds)) is not None
     ]
+    if context.loaded:
+        w(
+            "**Loaded machine.** Other work shared it during this run, so absolute req/s "
+            "and latencies are noise; ratios within a round weigh less on it, and a run on "
+            "a quiet machine (load average below 1) is still needed.\n"
+        )
+    others = (
+        f"; other processes took {context.others_share:.0%} of the machine's CPU time "
+        "during the rounds"
+        if context.others_share is not None
+        else ""
+    )
     w(
         f"Noise: load average {context.load_before[0]:.2f} before, "
-        f"{context.load_after[0]:.2f} after"
+        f"{context.load_after[0]:.2f} after (the bench's own load included){others}"
         + (
             f"; the ceiling's req/s varied by a median {statistics.median(noise):.0%} "
             f"(max {max(noise):.0%}) between rounds."
@@ -266,6 +290,8 @@ def markdown(
             w(f"- {kind}: {why}")
         w("")
 
+    out.extend(peers_markdown(scenarios, runs, resp or {}, startups, redis_startup))
+
     w("## Start-up load and memory\n")
     if not startups:
         w("No durable engine measured (none in dache.engines.REGISTRY, or --no-startup).\n")
@@ -319,6 +345,10 @@ def _mib(value: int | None) -> str:
     return "–" if value is None else f"{value / 2**20:.1f}"
 
 
+def _is_peer(kind: str) -> bool:
+    return kind.startswith(("etcd", "webdis"))
+
+
 def chart(scenarios: list[Scenario], medians: Mapping[Key, Sample], path: str) -> None:
     """Req/s and p99 per scenario kind, one bar per connection count, per value size."""
     import matplotlib
@@ -326,11 +356,11 @@ def chart(scenarios: list[Scenario], medians: Mapping[Key, Sample], path: str) -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    order = [s.kind for s in sorted(scenarios, key=lambda s: s.kind.startswith("etcd"))]
+    order = list(dict.fromkeys(s.kind for s in scenarios))  # bench.run's order: peers beside
     sizes = sorted({s.value_bytes for s in scenarios})
     connections = sorted({s.connections for s in scenarios})
     fig, axes = plt.subplots(
-        2, len(sizes), figsize=(7 * len(sizes), 9), squeeze=False, sharey="row"
+        2, len(sizes), figsize=(10 * len(sizes), 10), squeeze=False, sharey="row"
     )
     width = 0.8 / len(connections)
     for column, size in enumerate(sizes):
@@ -344,13 +374,16 @@ def chart(scenarios: list[Scenario], medians: Mapping[Key, Sample], path: str) -
         ):
             ax = axes[row][column]
             for i, conns in enumerate(connections):
-                xs, ys = [], []
+                xs, ys, hatches = [], [], []
                 for x, kind in enumerate(kinds):
                     m = medians.get((kind, conns, size))
                     if m is not None:
                         xs.append(x + (i - (len(connections) - 1) / 2) * width)
                         ys.append(getattr(m, field))
-                ax.bar(xs, ys, width, label=f"{conns} conn")
+                        hatches.append("//" if _is_peer(kind) else "")
+                bars = ax.bar(xs, ys, width, label=f"{conns} conn")
+                for bar, hatch in zip(bars, hatches, strict=True):
+                    bar.set_hatch(hatch)  # peers (etcd, Webdis) hatched
             ax.set_xticks(range(len(kinds)))
             ax.set_xticklabels(kinds, rotation=40, ha="right", fontsize=8)
             ax.set_ylabel(label)
@@ -359,7 +392,263 @@ def chart(scenarios: list[Scenario], medians: Mapping[Key, Sample], path: str) -
             ax.grid(axis="y", alpha=0.3)
             if row == 0 and column == 0:
                 ax.legend(fontsize=8)
-    fig.suptitle("dache vs the bare twisted.web ceiling and etcd (medians, one run)")
+    fig.suptitle(
+        "dache vs the bare twisted.web ceiling and the peers, etcd and Webdis + Redis "
+        "(hatched; medians, one run)"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+# webdis kind -> (operation, durability level: dache's / Redis's)
+PEER_LEVELS = {
+    "webdis GET": ("GET", "served from memory (dache memory / Redis appendonly no)"),
+    "webdis SET no": ("SET", "none (dache memory / Redis appendonly no)"),
+    "webdis SET everysec": (
+        "SET",
+        "fsync every second (dache disk everysec / Redis appendfsync everysec)",
+    ),
+    "webdis SET always": (
+        "SET",
+        "fsync before the answer (dache disk always / Redis appendfsync always)",
+    ),
+    "webdis GET, 2 threads": ("GET", "whole machine: dache WORKERS=2 postgres / Webdis threads=2"),
+    "webdis SET always, 2 threads": (
+        "SET",
+        "whole machine: dache WORKERS=2 postgres / Webdis threads=2, appendfsync always",
+    ),
+}
+
+# redis-benchmark test -> (dache kind, Redis durability level) it is the limit for
+RESP_LIMITS = {
+    ("GET", "no"): "GET hit",
+    ("SET", "no"): "SET memory",
+    ("SET", "always"): "SET disk",
+}
+
+
+@dataclass
+class PeerRow:
+    """dache against its peer for one operation, durability level, connections and value size."""
+
+    operation: str
+    level: str
+    connections: int
+    value_bytes: int
+    dache: Sample
+    peer: Sample
+    ratio: float | None
+    cpu_ratio: float | None
+
+
+def peer_rows(scenarios: list[Scenario], runs: Runs) -> list[PeerRow]:
+    """Every measured (dache, Webdis) pair, in the table's order: level, then size, then conns."""
+    peer_of = {**{v: k for k, v in PEER_KINDS.items()}}
+    peer_of.update({k: v for k, v in WHOLE_MACHINE_KINDS.items() if v})
+    rows = []
+    for s in scenarios:
+        peer_kind = peer_of.get(s.kind)
+        if peer_kind is None or s.key not in runs:
+            continue
+        other = (peer_kind, s.connections, s.value_bytes)
+        peer = runs.get(other)
+        if peer is None:
+            continue
+        operation, level = PEER_LEVELS[peer_kind]
+        dache = runs.get(s.key)
+        assert dache is not None
+        rows.append(
+            PeerRow(
+                operation,
+                level,
+                s.connections,
+                s.value_bytes,
+                dache,
+                peer,
+                runs.ratio(s.key, other),
+                runs.cpu_ratio(s.key, other),
+            )
+        )
+    levels = list(PEER_LEVELS.values())
+    rows.sort(key=lambda r: (levels.index((r.operation, r.level)), r.value_bytes, r.connections))
+    return rows
+
+
+def _size_text(value_bytes: int) -> str:
+    return f"{value_bytes // 1024} KiB" if value_bytes >= 1024 else f"{value_bytes} B"
+
+
+def _latency(sample: Sample) -> str:
+    return f"{sample.p50_ms:.2f} / {sample.p99_ms:.2f}"
+
+
+def resp_medians(
+    resp: Mapping[tuple[str, int], list[dict[str, RespSample]]],
+) -> dict[tuple[str, str, int], RespSample]:
+    """(test, Redis level, value size) -> medians over the rounds."""
+    out = {}
+    for (level, size), rounds in resp.items():
+        for test in sorted({t for r in rounds for t in r}):
+            found = [r[test] for r in rounds if test in r]
+            out[(test, level, size)] = RespSample(
+                rps=statistics.median(r.rps for r in found),
+                p50_ms=statistics.median(r.p50_ms for r in found),
+                p99_ms=statistics.median(r.p99_ms for r in found),
+            )
+    return out
+
+
+def peers_markdown(
+    scenarios: list[Scenario],
+    runs: Runs,
+    resp: Mapping[tuple[str, int], list[dict[str, RespSample]]],
+    startups: list[Startup],
+    redis_startup: RedisStartup | None,
+) -> list[str]:
+    out: list[str] = []
+    w = out.append
+    rows = peer_rows(scenarios, runs)
+    if not rows and not resp and redis_startup is None:
+        return out
+    w("## Against the peers: Webdis + Redis\n")
+    w(
+        "Webdis (Redis's HTTP/JSON front end, one worker thread) and its Redis are both pinned "
+        "to core 0, as dache is; wrk on core 1. `GET /GET/<key>` and `PUT /SET/<key>` (the "
+        "body is the value: the same JSON text dache stores) against dache's `GET` and "
+        "`POST /dache/<key>`, same keys, value sizes and connections. Redis runs with "
+        "`appendonly no`, `appendfsync everysec` or `appendfsync always` against dache's "
+        "memory, disk `everysec` and disk `always` engines. A ratio is dache's req/s over "
+        "the peer's, the median of the per-round ratios: above 1 dache is ahead. `by CPU` is "
+        "the peer's server CPU per request (Webdis + Redis) over dache's. Latencies in ms. "
+        "The whole-machine rows leave every process unpinned on the 2 cores: dache with "
+        "`WORKERS=2` (which needs the postgres engine: the workers are nodes sharing its "
+        "table, so its SETs commit to PostgreSQL, also on the machine) against Webdis "
+        "`threads=2` on a Redis with `appendfsync always`, wrk with 2 threads; `wrk CPU` is "
+        "the load generator's share of the machine's CPU time in that run.\n"
+    )
+    if rows:
+        out.extend(_ahead_markdown(rows))
+        w(
+            "| operation | durability | conns | value | dache req/s | peer req/s | dache / peer "
+            "| by CPU | dache p50 / p99 | peer p50 / p99 | wrk CPU |"
+        )
+        w("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for r in rows:
+            shares = [x.load_share for x in (r.dache, r.peer) if x.load_share is not None]
+            share = " / ".join(f"{x:.0%}" for x in shares) if shares else ""
+            w(
+                f"| {r.operation} | {r.level} | {r.connections} | {_size_text(r.value_bytes)} | "
+                f"{r.dache.rps:,.0f} | {r.peer.rps:,.0f} | **{_fmt(r.ratio)}** | "
+                f"{_fmt(r.cpu_ratio)} | {_latency(r.dache)} | {_latency(r.peer)} | {share} |"
+            )
+        w("")
+    limits = resp_medians(resp)
+    if limits:
+        w("### RESP's limit: redis-benchmark\n")
+        w(
+            "`redis-benchmark` (one thread, 64 clients, no pipelining, keys cycling through "
+            "1000) pinned to core 1 against the same Redis on core 0: what the Redis protocol "
+            "gets from the same core budget with no HTTP and no JSON. A limit to quote, not a "
+            "like-for-like peer: no HTTP server, cache or HTTP client of the kind dache's "
+            "users run is in the way. `dache / RESP` is dache's req/s at 64 connections over "
+            "it (medians of both).\n"
+        )
+        w("| test | Redis | value | req/s | p50 ms | p99 ms | dache scenario | dache / RESP |")
+        w("| --- | --- | ---: | ---: | ---: | ---: | --- | ---: |")
+        for (test, level, size), r in sorted(limits.items()):
+            kind = RESP_LIMITS.get((test, level))
+            dache = runs.get((kind, 64, size)) if kind else None
+            ratio = dache.rps / r.rps if dache and r.rps else None
+            w(
+                f"| {test} | {_redis_level(level)} | {_size_text(size)} | {r.rps:,.0f} | "
+                f"{r.p50_ms:.2f} | {r.p99_ms:.2f} | {kind or ''} | {_fmt(ratio)} |"
+            )
+        w("")
+    if redis_startup is not None:
+        out.extend(_memory_markdown(startups, redis_startup))
+    return out
+
+
+def _redis_level(level: str) -> str:
+    return "appendonly no" if level == "no" else f"appendfsync {level}"
+
+
+def _memory_markdown(startups: list[Startup], redis: RedisStartup) -> list[str]:
+    out: list[str] = []
+    w = out.append
+    w("### Memory per entry and start-up load, against Redis\n")
+    if redis.error:
+        w(f"Redis: error: {redis.error}\n")
+    w(
+        f"{redis.entries:,} entries of 100-byte values (bench.fill's 8-byte keys) in each. "
+        "dache: the disk engine's figures from the start-up table below (its log replayed "
+        "at start). Redis: filled through pipelined SETs with `appendfsync everysec` and "
+        "automatic AOF rewrites off, so its AOF is the SET commands as dache's log is its "
+        "writes; then restarted on it. Bytes per entry: (RSS full − RSS of the same server "
+        "empty) / N. Load: each one's own figure (dache's \"loaded N entries in\", Redis's "
+        '"DB loaded from append only file"). Redis again after `BGREWRITEAOF` (its '
+        "compaction: an RDB preamble) for its best case.\n"
+    )
+    disk = next((s for s in startups if s.engine == "disk" and not s.error), None)
+    w("| | dache (disk) | Redis | dache / Redis |")
+    w("| --- | ---: | ---: | ---: |")
+    dache_bpe = disk.bytes_per_entry if disk else None
+    redis_bpe = redis.bytes_per_entry
+    w(
+        f"| RSS per entry, B | {_fmt(dache_bpe, 0, '')} | {_fmt(redis_bpe, 0, '')} | "
+        f"{_fmt(_over(dache_bpe, redis_bpe))} |"
+    )
+    w(
+        f"| RSS full, MiB | {_mib(disk.rss_full if disk else None)} | {_mib(redis.rss_full)} | "
+        f"{_fmt(_over(disk.rss_full if disk else None, redis.rss_full))} |"
+    )
+    dache_load = disk.load_seconds if disk else None
+    w(
+        f"| load, s (log / AOF of commands) | {_fmt(dache_load, 2, '')} | "
+        f"{_fmt(redis.load_seconds, 2, '')} | {_fmt(_over(dache_load, redis.load_seconds))} |"
+    )
+    w(
+        f"| load, s (Redis after BGREWRITEAOF) | | {_fmt(redis.rewritten_load_seconds, 2, '')} | "
+        f"{_fmt(_over(dache_load, redis.rewritten_load_seconds))} |"
+    )
+    w(
+        f"| process start to ready, s | {_fmt(disk.listening_seconds if disk else None, 2, '')} "
+        f"| {_fmt(redis.listening_seconds, 2, '')} | "
+        f"{_fmt(_over(disk.listening_seconds if disk else None, redis.listening_seconds))} |"
+    )
+    if redis.aof_bytes is not None:
+        w(f"| AOF size, MiB | | {_mib(redis.aof_bytes)} | |")
+    w("")
+    w(
+        "Lower is better in this table: a ratio above 1 is dache using more memory or "
+        "taking longer.\n"
+    )
+    return out
+
+
+def _over(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def _ahead_markdown(rows: list[PeerRow]) -> list[str]:
+    """One line each: where dache is ahead of its peer, and where not."""
+    ahead = [r for r in rows if r.ratio is not None and r.ratio >= 1]
+    behind = [r for r in rows if r.ratio is not None and r.ratio < 1]
+
+    def where(r: PeerRow) -> str:
+        level = r.level.split(" (")[0]
+        return (
+            f"{r.operation} {level}, c{r.connections} {_size_text(r.value_bytes)} ({_fmt(r.ratio)})"
+        )
+
+    lines = [
+        f"dache is ahead in {len(ahead)} of {len(ahead) + len(behind)} pairs"
+        + (": " + "; ".join(where(r) for r in ahead) if ahead else "")
+        + ".",
+    ]
+    if behind:
+        worst = min(behind, key=lambda r: r.ratio or 0)
+        best = max(behind, key=lambda r: r.ratio or 0)
+        lines.append(f"Behind in {len(behind)}: from {where(worst)} to {where(best)}.")
+    return [" ".join(lines) + "\n"]

@@ -16,6 +16,25 @@ from dataclasses import dataclass
 
 KEYS = 1000  # distinct keys each scenario cycles through
 
+# Webdis + Redis, pinned like dache: kind -> the dache kind it is the peer of.
+# "no", "everysec", "always": Redis's appendonly no / appendfsync everysec / always.
+PEER_KINDS = {
+    "webdis GET": "GET hit",
+    "webdis SET no": "SET memory",
+    "webdis SET everysec": "SET disk everysec",
+    "webdis SET always": "SET disk",
+}
+
+# The whole machine (servers and wrk unpinned, wrk with two threads): dache
+# WORKERS=2 (which needs the postgres engine) against Webdis threads=2 on a
+# Redis with appendfsync always. Kind -> (the peer's kind, or None for a peer).
+WHOLE_MACHINE_KINDS = {
+    "GET hit, 2 workers": "webdis GET, 2 threads",
+    "SET postgres, 2 workers": "webdis SET always, 2 threads",
+    "webdis GET, 2 threads": None,
+    "webdis SET always, 2 threads": None,
+}
+
 # kind -> (the ceiling kind it is compared with, whether 2xx is expected)
 KINDS = {
     "ceiling GET": (None, True),
@@ -30,6 +49,9 @@ KINDS = {
     "90/10 mix": ("ceiling GET", True),
     "etcd put": (None, True),
     "etcd range": (None, True),
+    "SET disk everysec": ("ceiling POST", True),
+    **{kind: (None, True) for kind in PEER_KINDS},
+    **{kind: (None, True) for kind in WHOLE_MACHINE_KINDS},
 }
 
 # dache kind -> the etcd kind it is compared with
@@ -96,11 +118,18 @@ def etcd_put_body(key: str, value_bytes: int) -> str:
 def request_lines(kind: str, value_bytes: int) -> list[tuple[str, str, str]]:
     """(method, path, body) for each request a scenario of `kind` replays."""
     n = value_bytes
-    if kind in ("ceiling GET", "GET hit", "GET hit, metrics off"):
+    if kind in ("ceiling GET", "GET hit", "GET hit, metrics off", "GET hit, 2 workers"):
         return [("GET", f"/dache/{hit_key(n, i)}", "") for i in range(KEYS)]
     if kind == "GET miss":
         return [("GET", f"/dache/missing-{i}", "") for i in range(KEYS)]
-    if kind in ("ceiling POST", "SET memory", "SET disk", "SET postgres"):
+    if kind in (
+        "ceiling POST",
+        "SET memory",
+        "SET disk",
+        "SET disk everysec",
+        "SET postgres",
+        "SET postgres, 2 workers",
+    ):
         body = set_body(n)
         return [("POST", f"/dache/s{n}-{i}", body) for i in range(KEYS)]
     if kind == "DELETE":
@@ -119,6 +148,13 @@ def request_lines(kind: str, value_bytes: int) -> list[tuple[str, str, str]]:
         return [
             ("POST", "/v3/kv/range", json.dumps({"key": _b64(hit_key(n, i))})) for i in range(KEYS)
         ]
+    if kind.startswith("webdis GET"):
+        # Webdis answers {"GET": "<the stored text>"}; the keys are GET hit's
+        return [("GET", f"/GET/{hit_key(n, i)}", "") for i in range(KEYS)]
+    if kind.startswith("webdis SET"):
+        # PUT /SET/<key>: the body is the value, here the same JSON text dache stores
+        body = json.dumps(value_of(n))
+        return [("PUT", f"/SET/s{n}-{i}", body) for i in range(KEYS)]
     raise ValueError(f"unknown scenario kind {kind!r}")
 
 

@@ -42,9 +42,16 @@ def free_port() -> int:
 class Server:
     """A server subprocess whose output is kept, found listening by a log line or a probe."""
 
-    def __init__(self, name: str, command: list[str], env: Mapping[str, str] | None = None):
+    def __init__(
+        self,
+        name: str,
+        command: list[str],
+        env: Mapping[str, str] | None = None,
+        cpu: int | None = SERVER_CPU,
+    ):
         self.name = name
-        self.command = pinned(SERVER_CPU, command)
+        # cpu None: the whole machine (the scheduler's choice)
+        self.command = command if cpu is None else pinned(cpu, command)
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[str] | None = None
         self.port: int | None = None
@@ -90,6 +97,11 @@ class Server:
         assert self.proc is not None
         return self.proc.pid
 
+    @property
+    def cpu_pids(self) -> tuple[int, ...]:
+        """The processes whose CPU time (with their children's) is the server's."""
+        return (self.pid,)
+
     def rss_bytes(self) -> int:
         """Resident set size of the server (taskset execs it, so the pid is its own)."""
         with open(f"/proc/{self.pid}/status") as status:
@@ -124,7 +136,7 @@ class Server:
             connection.close()
 
 
-def dache(name: str, env: Mapping[str, str] | None = None) -> Server:
+def dache(name: str, env: Mapping[str, str] | None = None, cpu: int | None = SERVER_CPU) -> Server:
     """`twistd -n dache` on an ephemeral loopback port."""
     command = [
         os.path.join(BIN, "twistd"),
@@ -133,7 +145,7 @@ def dache(name: str, env: Mapping[str, str] | None = None) -> Server:
         "dache",
         "--listen=tcp:0:interface=127.0.0.1",
     ]
-    return Server(name, command, env)
+    return Server(name, command, env, cpu=cpu)
 
 
 def ceiling(value_bytes: int) -> Server:

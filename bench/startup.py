@@ -84,6 +84,14 @@ def postgres_env(workdir: str) -> dict[str, str]:
     return database_env(_cluster)
 
 
+def cluster_pids() -> list[int]:
+    """The running cluster's postmaster, if prepare() started one."""
+    from bench.postgres import postmaster_pid
+
+    pid = postmaster_pid(_cluster) if _cluster is not None else None
+    return [pid] if pid else []
+
+
 def cleanup() -> None:
     global _cluster
     if _cluster is not None:

@@ -187,7 +187,7 @@ def test_every_replayed_request_is_one_well_formed_line():
     for kind in KINDS:
         for size in (100, 10240):
             for method, path, body in request_lines(kind, size):
-                assert method in ("GET", "POST", "DELETE")
+                assert method in ("GET", "POST", "PUT", "DELETE")
                 assert path.startswith("/") and "\t" not in path and "\n" not in body
                 if body:
                     json.loads(body)

@@ -137,6 +137,7 @@ def test_three_nodes_incrementing_one_key_never_lose_one(dache_process, pg):
 def test_concurrent_conditional_batches_on_three_nodes_lose_no_update(dache_process, pg):
     nodes = [dache_process(env=pg.env) for _ in range(3)]
     assert nodes[0].set("balance", 0) == 204
+    wait_for_value(nodes, "balance", 0)  # the others follow it first: a get there is no miss
 
     def add_5_with_if_match(node):  # read, then write back +1 only if unchanged; retry
         connection = HTTPConnection("127.0.0.1", node.port, timeout=10)
