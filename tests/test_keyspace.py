@@ -482,3 +482,28 @@ async def test_a_batch_stores_each_value_as_sent_like_a_single_post():
     bad = b'{"ops": [{"op": "increment", "key": "n", "by": ' + digits.encode() + b"}]}"
     response = await node.http.request("POST", batch_url(), data=bad)
     assert response.code == 400  # a by past the digit limit: refused, never a 500
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize(
+    "key, message",
+    [
+        ("a\x00", "ops[1]: key must not contain a NUL"),
+        ("k" * 1025, "ops[1]: key is 1025 bytes"),
+        ("é" * 513, "ops[1]: key is 1026 bytes"),
+        ("", "ops[1]: key must not be empty"),
+        (7, 'ops[1]: "key" must be a string'),
+    ],
+)
+async def test_a_multi_get_checks_every_key_like_a_single_get(key, message):
+    node = MemoryNode()
+    await fill(node, ["a", "é"])
+    body = {"ops": [{"op": "get", "key": "a"}, {"op": "get", "key": key}]}
+    status, _, answer = await call(node, "POST", batch_url(), body)
+    assert (status, message in answer["error"]) == (400, True), answer
+    good = {
+        "ops": [{"op": "get", "key": "é"}, {"op": "get", "key": "a"}, {"op": "get", "key": "b"}]
+    }
+    status, _, answer = await call(node, "POST", batch_url(), good)
+    assert status == 200
+    assert [r and r["key"] for r in answer["results"]] == ["é", "a", None]

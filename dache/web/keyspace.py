@@ -27,7 +27,14 @@ from dache.store import listing
 from dache.store.cache import Entry
 from dache.web.answer import JSON, APIError, error
 from dache.web.api import DacheAPI, apply_preconditions, etag, parse_etags
-from dache.web.ops import parse_batch, parse_list, parse_patch, parse_prefix_delete
+from dache.web.ops import (
+    batch_changes,
+    batch_ops,
+    multi_get_keys,
+    parse_list,
+    parse_patch,
+    parse_prefix_delete,
+)
 
 # Why a group member was rejected -> the answer's status.
 _STATUS = {PreconditionFailed: 412, KeyAbsent: 404, NotANumber: 409}
@@ -97,20 +104,25 @@ def delete_prefix(api: DacheAPI, request: IRequest) -> bytes | Deferred[bytes]:
 
 @DacheAPI.app.route("/dache", methods=["POST"])
 def batch(api: DacheAPI, request: IRequest) -> bytes | Deferred[bytes]:
-    changes = parse_batch(_body(api, request), api.max_key_bytes, api.clock.seconds())
-    if all(change.kind == GET for change in changes):
-        return _json(request, _multi_get(api, changes))  # from memory: no engine
+    text, ops, start = batch_ops(_body(api, request))
+    keys = multi_get_keys(ops, api.max_key_bytes)
+    if keys is None:
+        changes = batch_changes(text, ops, start, api.max_key_bytes, api.clock.seconds())
+        if all(change.kind == GET for change in changes):
+            keys = [change.key for change in changes]
+    if keys is not None:
+        return _json(request, _multi_get(api, keys))  # from memory: no engine
     group = Group(changes)
     d = api.committer.submit_group(group)
     d.addCallbacks(_batch_done, _batch_failed, (request,), None, (api, request, group))
     return d
 
 
-def _multi_get(api: DacheAPI, changes: list[Change]) -> bytes:
-    now = api.clock.seconds()
+def _multi_get(api: DacheAPI, keys: list[str]) -> bytes:
+    now, get = api.clock.seconds(), api.cache.get
     results = []
-    for change in changes:
-        entry = api.cache.get(change.key, now)
+    for key in keys:
+        entry = get(key, now)
         results.append(b"null" if entry is None else listed(entry))
     return b'{"results":[%b]}' % b",".join(results)
 

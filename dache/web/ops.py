@@ -242,10 +242,12 @@ def parse_op(
 
 
 def parse_batch(body: bytes, max_key_bytes: int, now: float) -> list[Change]:
-    """
-    POST /dache {"ops": [...]}. A set's value is kept as the JSON text the
-    client sent, as for POST /dache/<key> (see dache.web.json_text).
-    """
+    """POST /dache {"ops": [...]}: every op as a Change (see batch_ops, batch_changes)."""
+    return batch_changes(*batch_ops(body), max_key_bytes, now)
+
+
+def batch_ops(body: bytes) -> tuple[str, list[Any], int]:
+    """A batch body's text, its ops (decoded) and where the ops array starts in the text."""
     text = _text(body)
     try:
         members = object_members(text)
@@ -261,7 +263,40 @@ def parse_batch(body: bytes, max_key_bytes: int, now: float) -> list[Change]:
         raise APIError(400, 'body must have "ops": a non-empty list of ops')
     if len(ops) > MAX_OPS:
         raise APIError(400, f"a batch has at most {MAX_OPS} ops; this one has {len(ops)}")
-    changes = []
+    return text, ops, start
+
+
+def multi_get_keys(ops: list[Any], max_key_bytes: int) -> list[str] | None:
+    """
+    The keys of a batch of plain gets ({"op": "get", "key": k} each, every key
+    valid), or None: then batch_changes parses it op by op (and names a bad one).
+    The fast path of a multi-get, which never needs Change objects.
+    """
+    keys = []
+    for op in ops:
+        if op.__class__ is not dict or len(op) != 2 or op.get("op") != "get":
+            return None
+        key = op.get("key")
+        # ASCII: its length is its size in bytes; anything else check_key decides.
+        if key.__class__ is not str or not key.isascii() or not 0 < len(key) <= max_key_bytes:
+            return None
+        if "\x00" in key:
+            return None
+        keys.append(key)
+    return keys
+
+
+def batch_changes(
+    text: str, ops: list[Any], start: int, max_key_bytes: int, now: float
+) -> list[Change]:
+    """
+    Every op as a Change, validated like its single-key twin. A set's value is
+    kept as the JSON text the client sent, as for POST /dache/<key> (see
+    dache.web.json_text).
+    """
+    if not any(op.__class__ is dict and "value" in op for op in ops):  # e.g. a multi-get
+        return [parse_op(op, i, max_key_bytes, now) for i, op in enumerate(ops)]
+    changes = []  # a second scan, for the text of each value as sent
     for i, (op, op_start, op_end) in enumerate(array_items(text, start)):
         value_json = None
         if isinstance(op, dict) and "value" in op:
