@@ -113,10 +113,10 @@ def hammer(nodes, work, threads_per_node=2):
 def wait_for_value(nodes, key, expected, timeout=10.0):
     deadline = time.monotonic() + timeout
     while True:
-        values = [node.get(key)[1] for node in nodes]
-        if all(v is not None and v["value"] == expected for v in values):
+        answers = [node.get(key) for node in nodes]
+        if all(status == 200 and body["value"] == expected for status, body in answers):
             return
-        assert time.monotonic() < deadline, values
+        assert time.monotonic() < deadline, answers
         time.sleep(0.02)
 
 
