@@ -14,6 +14,8 @@ from urllib.parse import quote
 
 import pytest
 
+from dache.store.eviction import POLICIES
+
 VALUE = "v" * 1000  # an entry costs about 1.3 KB with its overhead
 LIMIT = 256 * 1024
 
@@ -55,15 +57,7 @@ def engine_env(engine, tmp_path, request):
     return dict(database.env)
 
 
-EVICTING = [
-    "allkeys-lru",
-    "allkeys-lfu",
-    "allkeys-random",
-    "volatile-lru",
-    "volatile-lfu",
-    "volatile-random",
-    "volatile-ttl",
-]
+EVICTING = [policy for policy in POLICIES if policy != "noeviction"]
 
 
 @pytest.mark.parametrize(

@@ -119,22 +119,27 @@ def _number(field: str, value: Any) -> float:
     return value
 
 
+def body_members(body: bytes, shape: str) -> tuple[str, dict[str, tuple[Any, int, int]]]:
+    """A body's text and its object's members (json_text.object_members); shape: for the error."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise APIError(400, "body is not valid UTF-8")
+    try:
+        return text, object_members(text)
+    except NotAnObject:
+        raise APIError(400, f"body must be a JSON object like {shape}")
+    except BadJSON as e:
+        raise APIError(400, f"body is not valid JSON: {e}")
+
+
 def parse_write(body: bytes, key: str, now: float) -> Change:
     """
     The change a POST/PUT body asks for: a set, or a delete if already
     expired. The value is kept as the JSON text the client sent (see
     dache.web.json_text).
     """
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError:
-        raise APIError(400, "body is not valid UTF-8")
-    try:
-        members = object_members(text)
-    except NotAnObject:
-        raise APIError(400, 'body must be a JSON object like {"value": ...}')
-    except BadJSON as e:
-        raise APIError(400, f"body is not valid JSON: {e}")
+    text, members = body_members(body, '{"value": ...}')
     if not _WRITE_FIELD_SET.issuperset(members):
         unknown = [name for name in members if name not in WRITE_FIELDS]
         raise APIError(

@@ -15,8 +15,8 @@ from dache.engines import ANY, GET, UPDATE, Change
 from dache.engines.decide import KEEP, Update
 from dache.rendering import render_json
 from dache.web.answer import APIError
-from dache.web.api import MAX_EXPIRY, MAX_TTL, _number
-from dache.web.json_text import BadJSON, NotAnObject, array_items, decode, object_members
+from dache.web.api import MAX_EXPIRY, MAX_TTL, _number, body_members
+from dache.web.json_text import BadJSON, array_items, decode, object_members
 
 MAX_OPS = 1000
 MAX_LIMIT = 1000
@@ -248,13 +248,7 @@ def parse_batch(body: bytes, max_key_bytes: int, now: float) -> list[Change]:
 
 def batch_ops(body: bytes) -> tuple[str, list[Any], int]:
     """A batch body's text, its ops (decoded) and where the ops array starts in the text."""
-    text = _text(body)
-    try:
-        members = object_members(text)
-    except NotAnObject:
-        raise APIError(400, 'body must be a JSON object like {"ops": [{"op": "get", "key": "k"}]}')
-    except BadJSON as e:
-        raise APIError(400, f"body is not valid JSON: {e}")
+    text, members = body_members(body, '{"ops": [{"op": "get", "key": "k"}]}')
     if "value" in members:  # a set sent without its key
         raise APIError(400, "key must not be empty: set a key at /dache/<key>")
     _known(members, ("ops",), "")
