@@ -85,6 +85,12 @@ class ServerError(DacheError):
     """5xx: the engine is down, a timeout, shutting down (503), or a bug (500)."""
 
 
+class OutOfMemory(ServerError):
+    """507: the node is at MAX_MEMORY with EVICTION_POLICY=noeviction (or nothing to evict)."""
+
+    status = 507
+
+
 class Unavailable(DacheError):
     """No answer at all: connection refused or cut, a timeout, a TLS failure."""
 
@@ -99,6 +105,7 @@ _BY_STATUS: dict[int, type[DacheError]] = {
         Conflict,
         PreconditionFailed,
         TooLarge,
+        OutOfMemory,
     )
 }
 

@@ -264,6 +264,19 @@ def test_the_client_raises_one_exception_class_per_error(node):
             nowhere.get("k")
 
 
+def test_a_node_at_its_memory_bound_is_out_of_memory_and_exit_4(dache_process, run, monkeypatch):
+    node = dache_process(env={"DURABILITY_ENGINE": "memory", "MAX_MEMORY": "1mb"})
+    with dc.Client(f"http://127.0.0.1:{node.port}") as client:
+        with pytest.raises(dc.OutOfMemory) as full:
+            for i in range(100):
+                client.set(f"big/{i}", "x" * 50_000)
+        assert full.value.status == 507 and isinstance(full.value, dc.ServerError)
+        assert client.get("big/0").value == "x" * 50_000  # reads are never refused
+    monkeypatch.setenv("DACHE_URL", f"http://127.0.0.1:{node.port}")
+    code, _, err = run("set", "big/more", json.dumps("x" * 50_000))
+    assert code == 4 and one_line(err).startswith("dachectl: 507:")
+
+
 # -- the installed command
 
 
