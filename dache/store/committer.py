@@ -28,6 +28,8 @@ from dache.engines.decide import Group, State, decide
 from dache.store.cache import Cache
 from dache.store.eviction import MemoryBound
 
+SHUTTING_DOWN = "dache is shutting down; retry on another node"
+
 
 class WriteTimeout(EngineUnavailable):
     """The engine did not confirm a write in time; it may or may not be durable."""
@@ -108,7 +110,7 @@ class Committer:
         more than the memory engine's whole write.
         """
         if self._closing:
-            answer.errback(Failure(ShuttingDown("dache is shutting down; retry on another node")))
+            answer.errback(Failure(ShuttingDown(SHUTTING_DOWN)))
             return
         self._queue(change, answer)
 
@@ -120,26 +122,27 @@ class Committer:
         """
         d: Deferred[Group] = Deferred()
         if self._closing:
-            d.errback(ShuttingDown("dache is shutting down; retry on another node"))
+            d.errback(ShuttingDown(SHUTTING_DOWN))
             return d
         waiter = _GroupWaiter(group, d)
-        batch = self._queued
-        if batch is None:
-            batch = self._queued = _Batch()
-            if self._in_flight is not None:
-                self._start_timer(batch)
+        batch = self._filling()
         batch.changes.extend(group.changes)
         batch.waiters.extend([waiter] * len(group.changes))
         if self._in_flight is None:
             self._flush()
         return d
 
-    def _queue(self, change: Change, waiter: Deferred[int] | Waiter) -> None:
+    def _filling(self) -> _Batch:
+        """The batch new changes join (the next one to be written), made when needed."""
         batch = self._queued
         if batch is None:
             batch = self._queued = _Batch()
             if self._in_flight is not None:  # it waits for the engine: bound that now
                 self._start_timer(batch)
+        return batch
+
+    def _queue(self, change: Change, waiter: Deferred[int] | Waiter) -> None:
+        batch = self._filling()
         batch.changes.append(change)
         batch.waiters.append(waiter)
         if self._in_flight is None:

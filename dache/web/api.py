@@ -119,12 +119,16 @@ def _number(field: str, value: Any) -> float:
     return value
 
 
-def body_members(body: bytes, shape: str) -> tuple[str, dict[str, tuple[Any, int, int]]]:
-    """A body's text and its object's members (json_text.object_members); shape: for the error."""
+def body_text(body: bytes) -> str:
     try:
-        text = body.decode("utf-8")
+        return body.decode("utf-8")
     except UnicodeDecodeError:
         raise APIError(400, "body is not valid UTF-8")
+
+
+def body_members(body: bytes, shape: str) -> tuple[str, dict[str, tuple[Any, int, int]]]:
+    """A body's text and its object's members (json_text.object_members); shape: for the error."""
+    text = body_text(body)
     try:
         return text, object_members(text)
     except NotAnObject:
@@ -240,12 +244,16 @@ class DacheAPI:
         request.setHeader(b"etag", etag(entry.revision))
         return entry.body
 
-    @app.route("/dache/<path:key>", methods=["POST", "PUT"])
-    def set(self, request: IRequest, key: str) -> Change:
+    def request_body(self, request: IRequest) -> bytes:
+        """The request's body; 413 past MAX_VALUE_BYTES."""
         body = request.content.read() if request.content is not None else b""
         if len(body) > self.max_value_bytes:
             raise APIError(413, f"body is over the {self.max_value_bytes}-byte limit")
-        change = parse_write(body, key, self.clock.seconds())
+        return body
+
+    @app.route("/dache/<path:key>", methods=["POST", "PUT"])
+    def set(self, request: IRequest, key: str) -> Change:
+        change = parse_write(self.request_body(request), key, self.clock.seconds())
         return apply_preconditions(request, change)
 
     @app.route("/dache/<path:key>", methods=["DELETE"])

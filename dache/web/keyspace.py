@@ -25,7 +25,7 @@ from dache.engines.decide import Group, KeyAbsent, NotANumber
 from dache.rendering import render_json, render_key
 from dache.store import listing
 from dache.store.cache import Entry
-from dache.web.answer import JSON, APIError, error
+from dache.web.answer import JSON, error
 from dache.web.api import DacheAPI, apply_preconditions, etag, parse_etags
 from dache.web.ops import (
     batch_changes,
@@ -43,13 +43,6 @@ _STATUS = {PreconditionFailed: 412, KeyAbsent: 404, NotANumber: 409}
 def _json(request: IRequest, body: bytes, status: int = 200) -> bytes:
     request.setResponseCode(status)
     request.setHeader(b"content-type", JSON)
-    return body
-
-
-def _body(api: DacheAPI, request: IRequest) -> bytes:
-    body = request.content.read() if request.content is not None else b""
-    if len(body) > api.max_value_bytes:
-        raise APIError(413, f"body is over the {api.max_value_bytes}-byte limit")
     return body
 
 
@@ -104,7 +97,7 @@ def delete_prefix(api: DacheAPI, request: IRequest) -> bytes | Deferred[bytes]:
 
 @DacheAPI.app.route("/dache", methods=["POST"])
 def batch(api: DacheAPI, request: IRequest) -> bytes | Deferred[bytes]:
-    text, ops, start = batch_ops(_body(api, request))
+    text, ops, start = batch_ops(api.request_body(request))
     keys = multi_get_keys(ops, api.max_key_bytes)
     if keys is None:
         changes = batch_changes(text, ops, start, api.max_key_bytes, api.clock.seconds())
@@ -161,7 +154,7 @@ def _batch_failed(failure: Failure, api: DacheAPI, request: IRequest, group: Gro
 
 @DacheAPI.app.route("/dache/<path:key>", methods=["PATCH"])
 def patch(api: DacheAPI, request: IRequest, key: str) -> Deferred[bytes]:
-    change = parse_patch(_body(api, request), key, api.clock.seconds())
+    change = parse_patch(api.request_body(request), key, api.clock.seconds())
     apply_preconditions(request, change)
     d = api.committer.submit(change)
     d.addCallbacks(_patched, _patch_failed, (change, request), None, (api, request))

@@ -15,7 +15,7 @@ from dache.engines import ANY, GET, UPDATE, Change
 from dache.engines.decide import KEEP, Update
 from dache.rendering import render_json
 from dache.web.answer import APIError
-from dache.web.api import MAX_EXPIRY, MAX_TTL, _number, body_members
+from dache.web.api import MAX_EXPIRY, MAX_TTL, _number, body_members, body_text
 from dache.web.json_text import BadJSON, array_items, decode, object_members
 
 MAX_OPS = 1000
@@ -96,17 +96,10 @@ def parse_prefix_delete(request: IRequest) -> str:
     return prefix
 
 
-def _text(body: bytes) -> str:
-    try:
-        return body.decode("utf-8")
-    except UnicodeDecodeError:
-        raise APIError(400, "body is not valid UTF-8")
-
-
 def parse_document(body: bytes, shape: str) -> dict[str, Any]:
     """A body that must be a JSON object (shape: how it should look, for the error)."""
     try:
-        document = decode(_text(body))
+        document = decode(body_text(body))
     except BadJSON as e:
         raise APIError(400, f"body is not valid JSON: {e}")
     if not isinstance(document, dict):
