@@ -474,3 +474,14 @@ def test_a_watch_moves_its_connection_off_the_max_connections_count():
     assert stream.site.open_connections == 1
     stream.channel.connectionLost(Failure(ConnectionDone()))
     assert stream.site.open_connections == 0
+
+
+def test_an_http_1_0_watcher_gets_the_events_unframed():
+    node = MemoryNode()
+    old = Client(node, b"GET /dache?watch=true HTTP/1.0\r\n\r\n")
+    new = Client(node, watch_request())
+    r = write(node, "k")
+    assert [int(e["id"]) for e in new.events()] == [r]  # (the turn ends)
+    body = old.transport.value().partition(b"\r\n\r\n")[2]
+    assert b"id: %d\nevent: set\n" % r in body
+    assert b"\r\n" not in body  # no chunk framing
