@@ -18,6 +18,7 @@ from twisted.python.failure import Failure
 
 from dache.engines import Change
 from dache.testing import BASE, MemoryNode
+from dache.web.fanout import PACE, PACE_MAX
 from dache.web.site import DacheSite
 
 
@@ -444,22 +445,25 @@ def test_a_watcher_that_begins_mid_turn_gets_each_event_once():
     assert [int(e["id"]) for e in live.events()] == [r2]
 
 
-def test_a_flush_that_took_long_delays_the_next_by_as_much():
+def test_a_flush_that_took_long_delays_the_next_by_pace_times_as_much_within_pace_max():
     node = MemoryNode()
     client = Client(node, watch_request())
     fanouts = node.watchers.fanouts
-    spent = iter([0.0, 0.004])  # the first flush takes 4 ms of CPU
+    spent = iter([0.0, 0.004, 0.0, 0.5])  # flushes of 4 ms of CPU, then of 500 ms
     fanouts.cpu_time = lambda: next(spent, 0.0)
     write(node, "a")
     node.clock.advance(0)
     assert len(client.events()) == 1
     write(node, "b")
     write(node, "c")
-    node.clock.advance(0.003)
-    assert len(client.events()) == 1  # paced: not before 4 ms
+    node.clock.advance(PACE * 0.004 - 0.001)
+    assert len(client.events()) == 1  # paced
     node.clock.advance(0.001)
     assert [e["data"]["key"] for e in client.events()] == ["a", "b", "c"]
     assert fanouts.flushes == 2  # b and c: one flush
+    write(node, "d")
+    node.clock.advance(PACE_MAX)  # however long a flush took, an event waits at most this
+    assert [e["data"]["key"] for e in client.events()][-1] == "d"
 
 
 def test_a_watch_moves_its_connection_off_the_max_connections_count():
