@@ -427,10 +427,14 @@ class LongPoll:
         self.request = request
         self.key = key
         self.done = False
-        self.token = watchers.feed.wait_for_key(key, self.answer)
+        self.token = watchers.feed.wait_for_key(key, self._changed)
         self.timer = watchers.clock.callLater(wait, self.answer)
         self.site = _count_as_watcher(request)
         request.notifyFinish().addBoth(lambda _: self._forget())
+
+    def _changed(self) -> None:
+        # Answered in a later turn, as streams are: never on the write's own answer path.
+        self.watchers.clock.callLater(0, self.answer)
 
     def answer(self) -> None:
         if self.done:
