@@ -472,7 +472,8 @@ def test_a_watch_moves_its_connection_off_the_max_connections_count():
     assert stream.site.open_connections == 0  # counted by WATCH_MAX instead
     poll = counted_client(node, get("k", "wait=30"))
     assert poll.site.open_connections == 0
-    write(node, "k")  # the blocking read answers; its connection serves again
+    write(node, "k")
+    node.clock.advance(0)  # the blocking read answers; its connection serves again
     assert poll.site.open_connections == 1
     node.watchers.close()  # the stream ends; the connection stays open
     assert stream.site.open_connections == 1
