@@ -40,6 +40,9 @@ ENV PATH=/opt/dache/bin:$PATH \
 # room for MAX_MEMORY, the process's ~60 MiB baseline and 25 % on top, e.g.
 #   docker run -m 1400m -e MAX_MEMORY=1gb -e EVICTION_POLICY=allkeys-lru ...
 #ENV MAX_MEMORY=1gb EVICTION_POLICY=allkeys-lru
+# Open files: one per connection and per watcher, MAX_CONNECTIONS + WATCH_MAX + ~128
+# (11128 with the defaults). dache raises its soft limit that far within the hard
+# limit the runtime gives; if that is lower: docker run --ulimit nofile=16384:16384 ...
 VOLUME /var/lib/dache
 WORKDIR /var/lib/dache
 # Numeric, so Kubernetes' runAsNonRoot can check it.

@@ -375,8 +375,9 @@ SETTINGS: list[Setting] = [
         "max-connections",
         "1000",
         positive_int,
-        "Most client connections served at once; a request on one beyond it gets 503 "
-        "and the connection is closed.",
+        "Most client connections served at once (watch streams and blocking reads are "
+        "counted by WATCH_MAX instead); a request on one beyond it gets 503 and the "
+        "connection is closed.",
     ),
     Setting(
         "OUTPUT_BUFFER_BYTES",
@@ -437,7 +438,9 @@ SETTINGS: list[Setting] = [
         "watch-max",
         "10000",
         positive_int,
-        "Most watch streams and blocking reads open at once; more get 503.",
+        "Most watch streams and blocking reads open at once, counted apart from "
+        "MAX_CONNECTIONS; more get 503. A node needs MAX_CONNECTIONS + WATCH_MAX + 128 "
+        "open files.",
     ),
     # -- the memory bound (dache/store/eviction.py)
     Setting(

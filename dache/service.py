@@ -25,7 +25,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from dache import gcpolicy, mallocpolicy, systemd
+from dache import filelimit, gcpolicy, mallocpolicy, systemd
 from dache.config import Config
 from dache.engines import SET, Change, create_engine
 from dache.errors import ConfigError, StartupError
@@ -117,6 +117,7 @@ class DacheService(service.Service):
             followed = FollowedCache(self.cache, reactor)
             follow(followed)
 
+        filelimit.ensure(config, self.log)  # a descriptor per connection and watcher
         if config.max_memory:
             mallocpolicy.bound_heap()  # see dache.mallocpolicy: RSS near what is held
         began = time.monotonic()

@@ -18,6 +18,7 @@ from twisted.python.failure import Failure
 
 from dache.engines import Change
 from dache.testing import BASE, MemoryNode
+from dache.web.fanout import PACE, PACE_MAX
 from dache.web.site import DacheSite
 
 
@@ -379,3 +380,113 @@ def test_key_space_writes_are_watched_like_single_writes():
     ]
     ids = [int(e["id"]) for e in client.events()]
     assert ids == sorted(ids) and len(set(ids)) == len(ids)
+
+
+# -- the fan-out (dache/web/fanout.py): encoded once, one write per watcher per turn
+
+
+class CountingTransport(StringTransport):
+    writes = 0
+    last: bytes = b""
+
+    def write(self, data: bytes) -> None:
+        self.writes += 1
+        self.last = data
+        super().write(data)
+
+
+def counted_client(node: MemoryNode, request: bytes) -> Client:
+    client = Client.__new__(Client)
+    client.clock = node.clock
+    site = DacheSite(node.api.resource(), timeout=10, request_timeout=3, reactor=node.clock)
+    address = IPv4Address("TCP", "127.0.0.1", 50000)
+    client.site = site
+    client.channel = site.buildProtocol(address)
+    client.transport = CountingTransport(peerAddress=address)
+    client.channel.makeConnection(client.transport)
+    client.channel.dataReceived(request)
+    client.head_and_body()
+    return client
+
+
+def test_a_turn_of_many_writes_is_one_write_per_watcher_after_the_writes_are_answered():
+    node = MemoryNode()
+    watchers = [counted_client(node, watch_request()) for _ in range(3)]
+    before = [w.transport.writes for w in watchers]
+    writer = counted_client(node, b"")
+    body = b'{"value": 1}'
+    for i in range(16):  # sixteen writes answered in one reactor turn
+        writer.channel.dataReceived(
+            b"PUT /dache/k%d HTTP/1.1\r\nHost: d\r\nContent-Length: %d\r\n\r\n%s"
+            % (i, len(body), body)
+        )
+    assert writer.transport.value().count(b"HTTP/1.1 204") == 16  # answered: durable
+    assert [w.transport.writes for w in watchers] == before  # no watcher written yet
+    node.clock.advance(0)  # the end of the turn: the fan-out
+    assert [w.transport.writes - b for w, b in zip(watchers, before, strict=True)] == [1, 1, 1]
+    for w in watchers:
+        assert [e["data"]["key"] for e in w.events()] == [f"k{i}" for i in range(16)]
+    ids = [int(e["id"]) for e in watchers[0].events()]
+    assert ids == sorted(ids)
+    assert node.watchers.events_sent == 3 * 16
+    shared = watchers[0].transport.last
+    assert all(w.transport.last is shared for w in watchers)  # one bytes object for all
+
+
+def test_a_watcher_that_begins_mid_turn_gets_each_event_once():
+    node = MemoryNode()
+    early = Client(node, watch_request())
+    r1 = write(node, "a")  # queued for this turn's fan-out, not written yet
+    replaying = Client(node, watch_request("&since=0"))  # its replay has "a"
+    live = Client(node, watch_request())  # begins at r1: "a" is not news to it
+    r2 = write(node, "b")
+    assert [int(e["id"]) for e in early.events()] == [r1, r2]
+    assert [int(e["id"]) for e in replaying.events()] == [r1, r2]
+    assert [int(e["id"]) for e in live.events()] == [r2]
+
+
+def test_a_flush_that_took_long_delays_the_next_by_pace_times_as_much_within_pace_max():
+    node = MemoryNode()
+    client = Client(node, watch_request())
+    fanouts = node.watchers.fanouts
+    spent = iter([0.0, 0.004, 0.0, 0.5])  # flushes of 4 ms of CPU, then of 500 ms
+    fanouts.cpu_time = lambda: next(spent, 0.0)
+    write(node, "a")
+    node.clock.advance(0)
+    assert len(client.events()) == 1
+    write(node, "b")
+    write(node, "c")
+    node.clock.advance(PACE * 0.004 - 0.001)
+    assert len(client.events()) == 1  # paced
+    node.clock.advance(0.001)
+    assert [e["data"]["key"] for e in client.events()] == ["a", "b", "c"]
+    assert fanouts.flushes == 2  # b and c: one flush
+    write(node, "d")
+    node.clock.advance(PACE_MAX)  # however long a flush took, an event waits at most this
+    assert [e["data"]["key"] for e in client.events()][-1] == "d"
+
+
+def test_a_watch_moves_its_connection_off_the_max_connections_count():
+    node = MemoryNode()
+    stream = counted_client(node, watch_request())
+    assert stream.site.open_connections == 0  # counted by WATCH_MAX instead
+    poll = counted_client(node, get("k", "wait=30"))
+    assert poll.site.open_connections == 0
+    write(node, "k")
+    node.clock.advance(0)  # the blocking read answers; its connection serves again
+    assert poll.site.open_connections == 1
+    node.watchers.close()  # the stream ends; the connection stays open
+    assert stream.site.open_connections == 1
+    stream.channel.connectionLost(Failure(ConnectionDone()))
+    assert stream.site.open_connections == 0
+
+
+def test_an_http_1_0_watcher_gets_the_events_unframed():
+    node = MemoryNode()
+    old = Client(node, b"GET /dache?watch=true HTTP/1.0\r\n\r\n")
+    new = Client(node, watch_request())
+    r = write(node, "k")
+    assert [int(e["id"]) for e in new.events()] == [r]  # (the turn ends)
+    body = old.transport.value().partition(b"\r\n\r\n")[2]
+    assert b"id: %d\nevent: set\n" % r in body
+    assert b"\r\n" not in body  # no chunk framing

@@ -8,7 +8,9 @@ stream ended by SIGTERM; blocking reads. Every wait polls with a deadline.
 from __future__ import annotations
 
 import json
+import re
 import resource
+import selectors
 import socket
 import threading
 import time
@@ -69,6 +71,12 @@ class Watcher:
         self.sock.close()
 
 
+def raise_file_limit(needed: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < needed:  # the node started after this inherits it
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, needed), hard))
+
+
 def put(node, key: str, value) -> int:
     status, headers, _ = node.request(
         "PUT", "/dache/" + quote(key, safe=""), json.dumps({"value": value}).encode()
@@ -111,10 +119,8 @@ def test_three_nodes_each_watcher_sees_the_same_sequence_and_resumes_after_kill_
 def test_idle_watchers_cost_no_cpu_and_a_slow_reader_is_dropped_while_others_receive(
     dache_process,
 ):
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     count = 2000
-    if soft < count + 200:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, count + 500), hard))
+    raise_file_limit(count + 500)
     node = dache_process(
         env={"DURABILITY_ENGINE": "memory", "WATCH_BUFFER": "1048576", "MAX_CONNECTIONS": "4000"}
     )
@@ -202,3 +208,123 @@ def test_a_node_without_the_history_replays_from_the_postgresql_table(dache_proc
     got = [(e["event"], e["data"]["key"]) for e in watcher.events]
     assert got == [("set", f"t/{i}") for i in range(1, 6)] + [("delete", "t/0"), ("set", "t/later")]
     assert watcher.ids() == sorted(watcher.ids()) and watcher.ids()[-1] == later
+
+
+class Readers:
+    """Many watch streams read on one thread: each one's event ids, as they arrive."""
+
+    ID = re.compile(rb"\nid: (\d+)\n")
+
+    def __init__(self, sockets: list[socket.socket]):
+        self.ids: dict[socket.socket, list[int]] = {s: [] for s in sockets}
+        self._tail = {s: b"" for s in sockets}
+        self.selector = selectors.DefaultSelector()
+        for s in sockets:
+            s.setblocking(False)
+            self.selector.register(s, selectors.EVENT_READ)
+        self.running = True
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while self.running:
+            for key, _ in self.selector.select(0.1):
+                s = key.fileobj
+                try:
+                    data = s.recv(1 << 20)
+                except BlockingIOError:
+                    continue
+                text = self._tail[s] + data
+                end = text.rfind(b"\n\n") + 2  # up to the last whole event
+                self.ids[s].extend(int(i) for i in self.ID.findall(b"\n" + text[:end]))
+                self._tail[s] = text[end:]
+
+    def stop(self) -> None:
+        self.running = False
+        self.thread.join()
+
+
+def open_watch(node, prefix: str) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", node.port), timeout=30)
+    s.sendall(f"GET /dache?watch=true&prefix={prefix} HTTP/1.1\r\nHost: d\r\n\r\n".encode())
+    return s
+
+
+def test_a_thousand_watchers_get_every_event_of_a_burst_in_order_past_max_connections(
+    dache_process,
+):
+    count = 1000
+    raise_file_limit(count + 500)
+    node = dache_process(
+        env={
+            "DURABILITY_ENGINE": "memory",
+            "MAX_CONNECTIONS": "20",  # the watchers are not counted against it
+            "WATCH_MAX": str(count + 1),  # the readers and one that never reads
+            "WATCH_BUFFER": "16384",
+            "OUTPUT_BUFFER_BYTES": "4096",
+        }
+    )
+    sockets = []
+    for _ in range(count):
+        s = open_watch(node, "burst/")
+        assert s.recv(4096).startswith(b"HTTP/1.1 200")  # one at a time: no backlog overflow
+        sockets.append(s)
+    slow = socket.socket()
+    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    slow.connect(("127.0.0.1", node.port))
+    slow.sendall(b"GET /dache?watch=true HTTP/1.1\r\nHost: d\r\n\r\n")  # every key
+    wait_until(
+        lambda: b'dache_watchers{kind="stream"} 1001.0' in node.request("GET", "/metrics")[2]
+    )
+
+    # At WATCH_MAX: one more watcher is refused, and GET and SET still answer.
+    refused = open_watch(node, "burst/")
+    answer = refused.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 503")
+    assert "WATCH_MAX" in json.loads(answer.partition(b"\r\n\r\n")[2])["error"]
+    refused.close()
+    put(node, "plain", 1)
+    status, _, body = node.request("GET", "/dache/plain")
+    assert status == 200 and json.loads(body)["value"] == 1
+
+    readers = Readers(sockets)
+    acked: list[int] = []
+    value = "v" * 100
+
+    def writer(n: int) -> None:
+        for i in range(50):
+            acked.append(put(node, f"burst/{n}/{i}", value))
+
+    def big_writer() -> None:  # big values the slow one alone watches: its buffers fill
+        for i in range(300):
+            put(node, f"big/{i}", "b" * 100_000)
+            if i % 10 == 9 and dropped() == 1:
+                return
+
+    def dropped() -> float:
+        metrics = node.request("GET", "/metrics")[2].decode()
+        return float(
+            re.search(r"^dache_watchers_dropped_slow_total (\S+)$", metrics, re.M).group(1)
+        )
+
+    began = time.monotonic()
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
+    threads.append(threading.Thread(target=big_writer))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    written = time.monotonic() - began
+    # Every reader gets every event, in revision order, within a deadline, while
+    # the one that never reads is dropped at its bound.
+    wait_until(lambda: all(len(ids) >= len(acked) for ids in readers.ids.values()), timeout=30)
+    print(
+        f"{len(acked)} writes in {written:.1f}s; {count} watchers had them all "
+        f"{time.monotonic() - began - written:.1f}s later"
+    )
+    readers.stop()
+    expected = sorted(acked)
+    assert all(ids == expected for ids in readers.ids.values())
+    assert dropped() == 1
+    for s in [*sockets, slow]:
+        s.close()

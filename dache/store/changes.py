@@ -27,7 +27,8 @@ an expiry is not a committed change.
 
 Dispatch: subscribers are indexed by prefix, and a change is looked up under
 each distinct prefix length in use (key[:n] in a dict), so its cost grows
-with the number of different prefix lengths, not with the number of watchers.
+with the number of different prefix lengths, not with the number of watchers
+(dache.web.fanout subscribes once per prefix, for all of its streams).
 """
 
 from __future__ import annotations

@@ -223,6 +223,15 @@ class DacheSite(Site):
     def over_connection_limit(self) -> bool:
         return self.max_connections is not None and self.open_connections >= self.max_connections
 
+    # A watch stream or blocking read is bounded by WATCH_MAX (dache.web.watch), not
+    # MAX_CONNECTIONS: its connection leaves this count while it watches, so watchers
+    # never leave ordinary requests without a connection.
+    def watch_began(self) -> None:
+        self.open_connections -= 1
+
+    def watch_ended(self) -> None:
+        self.open_connections += 1  # an ordinary connection again, until it is lost
+
     def log(self, request: Request) -> None:
         # Called once per answered request: the one place metrics count requests.
         if self.metrics is not None:

@@ -10,10 +10,18 @@ replay and the subscription happen in one reactor turn, so there is no gap
 and no duplicate. A `since` older than the kept history gets `event: reset`
 (with the current revision as its id) first: the client re-lists and goes on.
 
+Live events go out through dache.web.fanout: encoded once per event,
+written once per stream per reactor turn, never on a write's answer path.
+
 A watcher that does not read: Twisted's transport pauses its producer (this
 stream) once its own buffer is full; events then queue here, up to
 WATCH_BUFFER bytes, and past that the watcher gets `event: error` and is
 disconnected. Nothing runs for an idle stream but one shared heartbeat timer.
+
+Streams and blocking reads are bounded by WATCH_MAX, not MAX_CONNECTIONS: a
+connection that becomes one moves from the site's connection count to the
+watchers' (DacheSite.watch_began / watch_ended), so watchers never starve
+ordinary requests of connections.
 """
 
 from __future__ import annotations
@@ -34,10 +42,13 @@ from dache.store.cache import Cache
 from dache.store.changes import EVENT_EXPIRE, ChangeFeed, Event, publish_expiries
 from dache.web.answer import JSON, APIError, error_body
 from dache.web.api import etag
+from dache.web.fanout import Fanouts, chunk
 
 EVENT_STREAM = b"text/event-stream"
 MAX_WAIT = 300.0  # seconds a blocking read may wait
 ABORT_AFTER = 5.0  # seconds a dropped watcher gets to take its last event
+HEARTBEAT = b": heartbeat\n\n"
+HEARTBEAT_CHUNK = chunk(HEARTBEAT)
 
 
 def wants_stream(request: IRequest) -> bool:
@@ -94,12 +105,11 @@ class Watchers:
         self.max_key_bytes = max_key_bytes
         self.streams: set[Stream] = set()
         self.polls: set[LongPoll] = set()
-        self.events_sent = 0
+        self.fanouts = Fanouts(feed, clock)
+        self.replayed = 0  # events sent from a replay (the fan-out counts live ones)
         self.dropped_slow = 0
         self.closing = False
         self._heartbeat: LoopingCall | None = None
-        self._dirty: list[Stream] = []  # streams with events to send this turn
-        self._flushing: Any = None
         feed.on_reset.append(self._reset_all)
 
     wants = staticmethod(wants_stream)
@@ -108,11 +118,20 @@ class Watchers:
     def open(self) -> int:
         return len(self.streams) + len(self.polls)
 
+    @property
+    def events_sent(self) -> int:
+        """Events sent to streams, one per event per watcher."""
+        return self.replayed + self.fanouts.events_sent
+
     def _refuse_if_full(self) -> None:
         if self.closing:
             raise APIError(503, "dache is shutting down; watch another node")
         if self.open >= self.max_open:
-            raise APIError(503, f"this node has {self.max_open} watchers open (WATCH_MAX)")
+            raise APIError(
+                503,
+                f"this node has its limit of {self.max_open} watch streams and blocking "
+                "reads open (WATCH_MAX); retry later or watch another node",
+            )
 
     # -- GET /dache?watch=true
 
@@ -142,25 +161,17 @@ class Watchers:
 
     def _beat(self) -> None:
         for stream in list(self.streams):
-            stream.send(b": heartbeat\n\n")
+            if stream.plain:
+                stream.channel.write(HEARTBEAT_CHUNK)  # one bytes object for every stream
+            else:
+                stream.send(HEARTBEAT)
         if not self.streams and self._heartbeat is not None:
             self._heartbeat.stop()  # no CPU at all with nobody watching
             self._heartbeat = None
 
-    def flush_later(self, stream: Stream) -> None:
-        self._dirty.append(stream)
-        if self._flushing is None:
-            self._flushing = self.clock.callLater(0, self._flush)
-
-    def _flush(self) -> None:
-        self._flushing = None
-        dirty, self._dirty = self._dirty, []
-        for stream in dirty:
-            stream.flush()
-
     def _reset_all(self, revision: int) -> None:
+        self.fanouts.flush()  # what was released before the reset goes first
         for stream in list(self.streams):
-            stream.flush()
             stream.send(_sse_json(b"reset", {"revision": revision}, revision))
 
     # -- GET /dache/<key>?wait=
@@ -192,6 +203,7 @@ class Watchers:
     def close(self) -> None:
         """SIGTERM: end every stream cleanly and answer every blocking read now."""
         self.closing = True
+        self.fanouts.flush()  # every released event, before the end
         for stream in list(self.streams):
             stream.end(b": dache is shutting down\n\n")
         for poll in list(self.polls):
@@ -212,6 +224,18 @@ def answer_entry(cache: Cache, clock: Any, request: IRequest, key: str) -> bytes
     return entry.body
 
 
+def _count_as_watcher(request: IRequest) -> Any:
+    """
+    Move the request's connection from the site's MAX_CONNECTIONS count to the
+    watchers' (WATCH_MAX); the site to hand it back to, or None (no such site).
+    """
+    site = getattr(getattr(request, "channel", None), "site", None)
+    if getattr(site, "watch_began", None) is None:
+        return None
+    site.watch_began()
+    return site
+
+
 @implementer(IPushProducer)
 class Stream:
     """One open text/event-stream response."""
@@ -219,15 +243,19 @@ class Stream:
     def __init__(self, watchers: Watchers, request: IRequest, prefix: str):
         self.watchers = watchers
         self.request = request
+        self.channel = request.channel
         self.prefix = prefix
+        # plain: the fan-out may write the turn's shared chunk straight to the
+        # channel; False while anything below needs the events one by one.
+        self.plain = False
         self.paused = False
         self.backlog: list[bytes] = []  # held while the transport is paused
         self.backlog_bytes = 0
-        self.pending: list[bytes] = []  # this reactor turn's events, not written yet
+        self.skip = 0  # events queued this turn before the stream began (see Fanouts.join)
         self.done = False
         self.held: list[Event] | None = None  # live events held during an engine replay
         self.replayed_through = 0  # the engine's replay covered changes up to here
-        self.token: int | None = None
+        self.site: Any = None  # the site this connection's count was moved from
         self.ended: Deferred[bytes] = Deferred(lambda _: self._gone())
 
     def start(self, since: int | None) -> None:
@@ -239,21 +267,36 @@ class Stream:
         # so it does not use DacheRequest.begin_stream(); the channel's timeouts and
         # SEND_TIMEOUT apply between requests only, never to an answer in progress.
         request.registerProducer(self, True)
+        self.site = _count_as_watcher(request)
         # Replay and subscription in one turn: nothing can be released between.
         head = [b": watching %b at revision %d\n\n" % (render_json(self.prefix), feed.revision)]
-        self.token = feed.subscribe(self.prefix, self.deliver)
+        self.watchers.fanouts.join(self)
         if since is not None:
             replay = feed.replay(since, self.prefix)
             if replay is None and feed.older is not None:
                 self.send(b"".join(head))
                 self._replay_from_engine(since)
+                self._update()
                 return
             if replay is None:
                 head.append(_sse_json(b"reset", {"revision": feed.revision}, feed.revision))
             else:
                 head.extend(event.sse() for event in replay)
-                self.watchers.events_sent += len(replay)
-        self.send(b"".join(head))
+                self.watchers.replayed += len(replay)
+        self.send(b"".join(head))  # the headers go with it: request.chunked is known now
+        self._update()
+
+    def _update(self) -> None:
+        request = self.request
+        self.plain = not (
+            self.done
+            or self.paused
+            or self.skip
+            or self.held is not None
+            or self.replayed_through
+            or not request.chunked  # an HTTP/1.0 client: no chunk framing
+            or request.method == b"HEAD"
+        )
 
     def _replay_from_engine(self, since: int) -> None:
         """
@@ -274,36 +317,43 @@ class Stream:
             else:
                 last, events = result
                 events = [e for e in events if e.key.startswith(self.prefix)]
+            # Live events up to `last` (queued this turn, or held in ordered mode) are
+            # left out by take() until the feed has passed it.
             self.replayed_through = last
             events += [e for e in held if e.kind == EVENT_EXPIRE or e.revision > last]
-            self.watchers.events_sent += len(events)
+            self.watchers.replayed += len(events)
             if events:
                 self.send(b"".join(e.sse() for e in events))
+            self._update()
 
         feed.older(since).addCallbacks(replayed, lambda _: replayed(None))
 
-    def deliver(self, event: Event) -> None:
+    def take(self, events: list[Event], data: bytes) -> int:
+        """
+        This turn's events when the shared chunk will not do (see `plain`);
+        `data` is their SSE text. The number of events sent (or queued).
+        """
+        if self.done:
+            return 0
+        if self.skip:
+            events, self.skip = events[self.skip :], 0
+            data = b""
         held = self.held
         if held is not None:  # a replay from the engine is under way
-            held.append(event)
+            held.extend(events)
             if len(held) > self.watchers.feed.history_count:
                 self._drop()
-            return
-        if event.revision <= self.replayed_through and event.kind != EVENT_EXPIRE:
-            return  # the engine's replay already had it
-        # Events are sent once per reactor turn, all of the turn's in one write:
-        # a committer batch of 16 changes is one write per watcher, not 16.
-        self.watchers.events_sent += 1
-        # (A turn's events are bounded by the committer's batch; WATCH_BUFFER bounds
-        # what is held beyond that, while the transport is paused.)
-        self.pending.append(event.sse())
-        if len(self.pending) == 1:
-            self.watchers.flush_later(self)
-
-    def flush(self) -> None:
-        if self.pending:
-            data, self.pending = b"".join(self.pending), []
-            self.send(data)
+            return 0
+        through = self.replayed_through
+        if through:  # the engine's replay already had these
+            events = [e for e in events if e.kind == EVENT_EXPIRE or e.revision > through]
+            data = b""
+            if self.watchers.feed.revision >= through:
+                self.replayed_through = 0  # every later event is above it
+        if events:
+            self.send(data or b"".join([e.sse() for e in events]))
+        self._update()
+        return len(events)
 
     def send(self, data: bytes) -> None:
         if self.done:
@@ -319,7 +369,6 @@ class Stream:
     def _drop(self) -> None:
         self.watchers.dropped_slow += 1
         self.backlog, self.backlog_bytes = [], 0
-        self.pending = []
         limit = self.watchers.buffer_bytes
         message = f"this watcher fell {limit} bytes behind (WATCH_BUFFER); resume from the last id"
         self.request.write(_sse_json(b"error", {"error": message}))
@@ -332,7 +381,6 @@ class Stream:
         """End the response cleanly (the terminating chunk), after `last`."""
         if self.done:
             return
-        self.flush()
         if last and not self.paused:
             self.request.write(last)
         self._gone()
@@ -342,9 +390,12 @@ class Stream:
         if self.done:
             return
         self.done = True
+        self.plain = False
         self.watchers.streams.discard(self)
-        if self.token is not None:
-            self.watchers.feed.unsubscribe(self.prefix, self.token)
+        self.watchers.fanouts.leave(self)
+        if self.site is not None:
+            self.site.watch_ended()  # an ordinary connection again, if it stays open
+            self.site = None
         try:
             self.request.unregisterProducer()
         except Exception:  # already unregistered by a lost connection
@@ -354,12 +405,15 @@ class Stream:
 
     def pauseProducing(self) -> None:
         self.paused = True
+        self.plain = False
 
     def resumeProducing(self) -> None:
         self.paused = False
         if self.backlog and not self.done:
             data, self.backlog, self.backlog_bytes = b"".join(self.backlog), [], 0
             self.request.write(data)
+        if not self.done:
+            self._update()
 
     def stopProducing(self) -> None:
         self._gone()
@@ -373,9 +427,14 @@ class LongPoll:
         self.request = request
         self.key = key
         self.done = False
-        self.token = watchers.feed.wait_for_key(key, self.answer)
+        self.token = watchers.feed.wait_for_key(key, self._changed)
         self.timer = watchers.clock.callLater(wait, self.answer)
+        self.site = _count_as_watcher(request)
         request.notifyFinish().addBoth(lambda _: self._forget())
+
+    def _changed(self) -> None:
+        # Answered in a later turn, as streams are: never on the write's own answer path.
+        self.watchers.clock.callLater(0, self.answer)
 
     def answer(self) -> None:
         if self.done:
@@ -397,6 +456,9 @@ class LongPoll:
         self.watchers.feed.stop_waiting(self.key, self.token)
         if self.timer.active():
             self.timer.cancel()
+        if self.site is not None:
+            self.site.watch_ended()
+            self.site = None
 
 
 def attach(
