@@ -52,6 +52,23 @@ def test_send_now_leaves_other_transports_alone():
     assert twisted_private.send_now(StringTransport(), b"data") == b"data"
 
 
+@pytest_twisted.inlineCallbacks
+def test_plain_tcp_is_a_tcp_connection_without_tls_served_by_its_reactor():
+    factory = Factory.forProtocol(_Keep)
+    factory.connected = Deferred()
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    client = socket.create_connection(("127.0.0.1", port.getHost().port))
+    try:
+        server = yield factory.connected
+        assert twisted_private.plain_tcp(server.transport)
+        assert server.transport.reactor is reactor  # the Outbox's end of turn is its
+        assert not twisted_private.plain_tcp(StringTransport())
+    finally:
+        client.close()
+        server.transport.abortConnection()
+        yield port.stopListening()
+
+
 def _channel() -> HTTPChannel:
     channel = HTTPChannel()
     channel.makeConnection(StringTransport())

@@ -16,7 +16,7 @@ from twisted.web.server import Request, Site, version
 
 from dache.web.answer import error, finish
 from dache.web.api import KEY_PREFIX
-from dache.web.channel import DacheChannel
+from dache.web.channel import DacheChannel, Outbox
 from dache.web.stream import Stream
 
 if TYPE_CHECKING:
@@ -214,6 +214,7 @@ class DacheSite(Site):
         self.pipeline_buffer_bytes = pipeline_buffer_bytes
         self.send_timeout = send_timeout
         self.max_connections = max_connections  # None: no limit
+        self.outbox = Outbox()  # answers sent at the end of a reactor turn (dache.web.channel)
         self.open_connections = 0
         self.max_body_bytes = max_body_bytes
         self.log_requests = access_log

@@ -12,6 +12,9 @@ What each shortcut relies on:
   `writeSomeData(data)` sends straight to the socket, returning the byte
   count. Used to send a small answer at once when nothing is buffered
   (saves two epoll_ctl calls and a reactor turn per answer).
+- plain_tcp(transport): the transports send_now() applies to: that class,
+  with `TLS` false; such a transport's `reactor` is the one serving it
+  (dache.web.channel.Outbox ends its turn there).
 - waiting_for_transport(channel): HTTPChannel sets `_waitingForTransport`
   while its transport has asked it to pause (unsent output over bufferSize).
 - stop_reading(channel): HTTPChannel keeps the transport's push producer in
@@ -40,6 +43,11 @@ from typing import Any
 from twisted.internet.tcp import Connection
 
 _SOCKET_SEND = Connection.writeSomeData
+
+
+def plain_tcp(transport: Any) -> bool:
+    """Whether send_now() may send on `transport`: a plain TCP socket, not TLS."""
+    return getattr(type(transport), "writeSomeData", None) is _SOCKET_SEND and not transport.TLS
 
 
 def send_now(transport: Any, data: bytes) -> bytes:
