@@ -52,6 +52,11 @@ from dache.web.answer import error, finish
 # long and this much, so it can finish sending and read its 413.
 LINGER_SECONDS = 5.0
 LINGER_BYTES = 128 * 1024 * 1024
+# The longest Content-Length taken (10**18 bytes is past any body limit):
+# twisted.web int()s the header, and past the interpreter's digit limit (4,300)
+# that raises ValueError out of the parser -- no answer, a traceback logged.
+CONTENT_LENGTH_DIGITS = 18
+_CONTENT_LENGTH = b"content-length:"
 # RFC 9110's reason phrases, where Twisted's table has older ones.
 REASONS = {
     408: b"Request Timeout",
@@ -231,6 +236,16 @@ class DacheChannel(twisted_private.ProtocolRefusals, HTTPChannel):
             self.refuse(414, f"the request line is over {self.MAX_LENGTH} bytes")
         else:
             self.refuse(431, f"a header line is over {self.MAX_LENGTH} bytes")
+
+    def headerReceived(self, line: bytes) -> bool:
+        if (
+            len(line) > len(_CONTENT_LENGTH) + CONTENT_LENGTH_DIGITS  # most lines stop here
+            and line[: len(_CONTENT_LENGTH)].lower() == _CONTENT_LENGTH
+            and len(line[len(_CONTENT_LENGTH) :].strip(b" \t")) > CONTENT_LENGTH_DIGITS
+        ):
+            self.refuse(400, f"Content-Length must be at most {CONTENT_LENGTH_DIGITS} digits")
+            return False
+        return super().headerReceived(line)
 
     def _linger(self, data: bytes) -> None:
         self._lingered += len(data)
