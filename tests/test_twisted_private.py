@@ -113,6 +113,21 @@ def test_client_gone_is_set_when_the_connection_is_lost():
     assert twisted_private.client_gone(request)
 
 
+def test_set_header_is_what_set_header_stores_for_the_names_dache_sets():
+    from dache.web.answer import CONTENT_LENGTH, CONTENT_TYPE, ETAG
+
+    for name in (CONTENT_TYPE, CONTENT_LENGTH, ETAG, b"Server", b"Date"):
+        shortcut, public = Request(DummyChannel()), Request(DummyChannel())
+        twisted_private.set_header(shortcut, name, b"v")
+        public.setHeader(name.lower(), b"v")
+        assert list(shortcut.responseHeaders.getAllRawHeaders()) == [(name, [b"v"])]
+        assert list(public.responseHeaders.getAllRawHeaders()) == [(name, [b"v"])]
+        assert shortcut.responseHeaders.getRawHeaders(name.lower()) == [b"v"]
+        public.setHeader(name, b"w")  # and the public API finds and replaces it
+        twisted_private.set_header(shortcut, name, b"w")
+        assert list(shortcut.responseHeaders.getAllRawHeaders()) == [(name, [b"w"])]
+
+
 def test_forget_exit_signal_clears_what_twistd_would_re_raise():
     other = SelectReactor()  # not the running one: its signal handler only records
     try:

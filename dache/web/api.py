@@ -42,7 +42,8 @@ from dache.rendering import render_json
 from dache.store.cache import Cache
 from dache.store.committer import Committer
 from dache.store.eviction import OutOfMemory
-from dache.web.answer import JSON, APIError, error
+from dache.web import twisted_private
+from dache.web.answer import CONTENT_TYPE, ETAG, JSON, APIError, error
 from dache.web.health import HealthMonitor
 from dache.web.health import respond as health_response
 from dache.web.json_text import BadJSON, NotAnObject, object_members
@@ -240,8 +241,8 @@ class DacheAPI:
 
             if not_modified(request, entry.revision):
                 return b""
-        request.setHeader(b"content-type", JSON)
-        request.setHeader(b"etag", etag(entry.revision))
+        twisted_private.set_header(request, CONTENT_TYPE, JSON)
+        twisted_private.set_header(request, ETAG, etag(entry.revision))
         return entry.body
 
     def request_body(self, request: IRequest) -> bytes:
@@ -291,7 +292,7 @@ class DacheAPI:
     def acknowledged(revision: int, request: IRequest) -> bytes:
         request.setResponseCode(204)
         if revision:
-            request.setHeader(b"etag", etag(revision))
+            twisted_private.set_header(request, ETAG, etag(revision))
         return b""
 
     def write_failed(self, failure: Failure, request: IRequest) -> bytes | None:

@@ -14,6 +14,7 @@ from twisted.python.failure import Failure
 from twisted.web.http import datetimeToString
 from twisted.web.server import Request, Site, version
 
+from dache.web import twisted_private
 from dache.web.answer import error, finish
 from dache.web.api import KEY_PREFIX
 from dache.web.channel import DacheChannel, Outbox
@@ -105,8 +106,8 @@ class DacheRequest(Request):
         # (dache.web.dispatch), so there is no traversal, and the Date header
         # is formatted once a second (formatting it costs ~3% of a GET).
         self.site = self.channel.site
-        self.setHeader(b"Server", version)
-        self.setHeader(b"Date", _HTTPDate.now())
+        twisted_private.set_header(self, b"Server", version)
+        twisted_private.set_header(self, b"Date", _HTTPDate.now())
         try:
             refusal = self._refusal()
             if refusal is not None:
