@@ -129,3 +129,31 @@ def test_a_lost_connection_stops_being_answered_at_once():
         assert second.received_now().endswith(ANSWER)
     finally:
         second.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_after_a_crowded_turn_every_answer_waits_until_a_turn_has_one_connection():
+    site = _site()
+    pairs = [TCPPair(site) for _ in range(3)]
+    first, second, third = pairs
+    try:
+        for pair in pairs:
+            pair.channel.dataReceived(GET)
+        assert first.received_now().endswith(ANSWER)
+        yield _received_within(second, ANSWER)
+        yield _received_within(third, ANSWER)
+        # Crowded: two connections waited last turn, so now even the first waits.
+        first.channel.dataReceived(GET)
+        second.channel.dataReceived(GET)
+        assert first.received_now() == b"" and second.received_now() == b""
+        yield _received_within(first, ANSWER)
+        yield _received_within(second, ANSWER)
+        first.channel.dataReceived(GET)  # still crowded last turn: waits
+        assert first.received_now() == b""
+        yield _received_within(first, ANSWER)
+        # That turn held one connection's answer: the next one goes at once again.
+        first.channel.dataReceived(GET)
+        assert first.received_now().endswith(ANSWER)
+    finally:
+        for pair in pairs:
+            pair.close()

@@ -22,10 +22,11 @@ other case (TLS, a backlog), goes through the transport as before, in order.
 
 When: a connection alone on the server has its answers sent at once. Once
 more than one connection is answered in a reactor turn, the others' answers
-wait in the Outbox for the end of the turn and go out back to back: every
-send to a peer asleep in epoll_wait costs the sender a wake-up of that peer
-(on loopback, under wrk at 64 connections, a sixth of a GET's CPU), and
-sends back to back find it awake. What waits is bounded by the transport's
+wait in the Outbox for the end of the turn and go out back to back, and so
+do all of them in the turns that follow, until a turn has one connection
+answered again: every send to a peer asleep in epoll_wait costs the sender
+a wake-up of that peer (on loopback, under wrk at 64 connections, a sixth of
+a GET's CPU), and sends back to back find it awake. What waits is bounded by the transport's
 bufferSize (OUTPUT_BUFFER_BYTES) per connection, and is sent before the
 connection is closed.
 
@@ -76,18 +77,20 @@ class Outbox:
     """
     The answers of one reactor turn that wait for its end (see the top of this
     module): every connection's but the one answered first, which is sent at
-    once. One per site.
+    once -- unless the last turn that held answers held more than one
+    connection's (crowded): then that one's wait too. One per site.
     """
 
     def __init__(self) -> None:
         self.direct: Any = None  # the channel whose answers go at once
+        self.crowded = False  # the last turn that held answers held several connections'
         self.waiting: list[Any] = []  # channels holding answers, in the order they came
         self._end_of_turn: Any = None  # IDelayedCall
 
     def may_send_now(self, channel: Any) -> bool:
         """Whether `channel`'s answer goes at once: the first connection answered this turn."""
         direct = self.direct
-        if direct is None:
+        if direct is None and not self.crowded:
             self.direct = channel
             return True
         return direct is channel
@@ -109,6 +112,7 @@ class Outbox:
         self._end_of_turn = None
         self.direct = None
         waiting, self.waiting = self.waiting, []
+        self.crowded = len(waiting) > 1
         for channel in waiting:
             try:
                 channel.send_held_output()
