@@ -6,6 +6,7 @@ issue's targets checked at 64 connections and 100 B values.
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Mapping
@@ -18,6 +19,9 @@ from bench.scenarios import PEER_KINDS, PEERS, WHOLE_MACHINE_KINDS, Scenario
 from bench.startup import Startup
 
 Key = tuple[str, int, int]
+# Where a request's CPU goes (issue 22): written by hand from `make profile`, carried into
+# every RESULTS.md so a regeneration keeps it.
+HOT_PATH_NOTES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hot-path.md")
 TARGET_CONNECTIONS = 64
 HOT_CONNECTIONS = (1, 16, 64, 256)  # GET hit's goal holds at each (issue 22)
 TARGET_VALUE = 100
@@ -346,6 +350,7 @@ def markdown(
             + ", ".join(f"{name} {_mib(value)} MiB" for name, value in sorted(rss.items()))
             + ".\n"
         )
+    out.extend(hot_path_notes())
     if profiles:
         w("## Profiles\n")
         w(
@@ -360,6 +365,16 @@ def markdown(
             w("```\n")
     w("![throughput and p99 latency per scenario](results.png)\n")
     return "\n".join(out)
+
+
+def hot_path_notes() -> list[str]:
+    """bench/hot-path.md, its headings one level down, as a section of RESULTS.md."""
+    if not os.path.exists(HOT_PATH_NOTES):
+        return []
+    with open(HOT_PATH_NOTES) as f:
+        text = f.read()
+    lines = ["#" + line if line.startswith("#") else line for line in text.splitlines()]
+    return [*lines, ""]
 
 
 def _mib(value: int | None) -> str:

@@ -85,7 +85,7 @@ HEAD = b"POST /dache/k HTTP/1.1\r\nHost: d\r\n"
     [
         # twisted.web's Content-Length: int() would raise ValueError from its parser
         (HEAD + b"Content-Length: " + DIGITS + b"\r\n\r\n", b"", 400, "Content-Length"),
-        (HEAD + b"Content-Length: " + b"9" * 19 + b"\r\n\r\n", b"", 400, "at most 18 digits"),
+        (HEAD + b"Content-Length: " + b"9" * 4300 + b"\r\n\r\n", b"", 413, "limit"),
         (HEAD + b"content-length:" + DIGITS + b"\r\n\r\n", b"", 400, "Content-Length"),
         (HEAD + b"Content-Length: 5000000000\r\n\r\n", b"", 413, "limit"),
         # a chunk size: int(..., 16) has no digit limit; the body bound answers
@@ -103,7 +103,7 @@ HEAD = b"POST /dache/k HTTP/1.1\r\nHost: d\r\n"
             "malformed",
         ),
     ],
-    ids=["content-length", "19 digits", "lower case", "10 digits", "chunk size", "chunk line"],
+    ids=["content-length", "4300 digits", "lower case", "10 digits", "chunk size", "chunk line"],
 )
 def test_a_long_number_in_the_framing_gets_a_json_answer(node, raw, then, status, message):
     answer, logged = lines_for(node, lambda: exchange(node.port, raw, then))

@@ -39,6 +39,7 @@ rather than remade, and checks on firing whether it still applies.
 
 from __future__ import annotations
 
+import sys
 from time import perf_counter
 from typing import Any
 
@@ -53,11 +54,6 @@ from dache.web.answer import error, finish
 # long and this much, so it can finish sending and read its 413.
 LINGER_SECONDS = 5.0
 LINGER_BYTES = 128 * 1024 * 1024
-# The longest Content-Length taken (10**18 bytes is past any body limit):
-# twisted.web int()s the header, and past the interpreter's digit limit (4,300)
-# that raises ValueError out of the parser -- no answer, a traceback logged.
-CONTENT_LENGTH_DIGITS = 18
-_CONTENT_LENGTH = b"content-length:"
 # RFC 9110's reason phrases, where Twisted's table has older ones.
 REASONS = {
     408: b"Request Timeout",
@@ -241,16 +237,6 @@ class DacheChannel(twisted_private.ProtocolRefusals, HTTPChannel):
         else:
             self.refuse(431, f"a header line is over {self.MAX_LENGTH} bytes")
 
-    def headerReceived(self, line: bytes) -> bool:
-        if (
-            len(line) > len(_CONTENT_LENGTH) + CONTENT_LENGTH_DIGITS  # most lines stop here
-            and line[: len(_CONTENT_LENGTH)].lower() == _CONTENT_LENGTH
-            and len(line[len(_CONTENT_LENGTH) :].strip(b" \t")) > CONTENT_LENGTH_DIGITS
-        ):
-            self.refuse(400, f"Content-Length must be at most {CONTENT_LENGTH_DIGITS} digits")
-            return False
-        return super().headerReceived(line)
-
     def _linger(self, data: bytes) -> None:
         self._lingered += len(data)
         if self._lingered > LINGER_BYTES:
@@ -334,7 +320,18 @@ class DacheChannel(twisted_private.ProtocolRefusals, HTTPChannel):
                 self._request_began = self.site.reactor.seconds()
                 if self._deadline is None:
                     self._deadline = self.callLater(timeout, self._check_deadline)
-        super().dataReceived(data)
+        try:
+            super().dataReceived(data)
+        except ValueError:
+            # twisted.web int()s a Content-Length once it has checked it is all
+            # digits; past the interpreter's limit (sys.get_int_max_str_digits(),
+            # 4,300) that raises out of its parser: no answer, a traceback logged.
+            # (A request is parsed only once the one before it is answered.)
+            self.refuse(
+                400,
+                f"malformed request: a Content-Length of over {sys.get_int_max_str_digits()} "
+                "digits",
+            )
 
     def allContentReceived(self) -> None:
         self._request_began = None
