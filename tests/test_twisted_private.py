@@ -128,6 +128,23 @@ def test_set_header_is_what_set_header_stores_for_the_names_dache_sets():
         assert list(shortcut.responseHeaders.getAllRawHeaders()) == [(name, [b"w"])]
 
 
+def test_header_values_finds_the_headers_as_the_channel_stored_them():
+    channel = _channel()
+    channel.requestFactory = _Held
+    channel.dataReceived(
+        b'POST / HTTP/1.1\r\nhost: x\r\nIF-MATCH: "1"\r\nif-none-match: *\r\n'
+        b'if-none-match: "2"\r\ncontent-encoding: gzip\r\nContent-Length: 0\r\n\r\n'
+    )
+    request = channel.requests[0]
+    for name in (b"Host", b"If-Match", b"If-None-Match", b"Content-Encoding"):
+        values = twisted_private.header_values(request, name)
+        assert values and values == request.requestHeaders.getRawHeaders(name.lower())
+    assert twisted_private.header_values(request, b"If-None-Match")[-1] == request.getHeader(
+        b"if-none-match"
+    )
+    assert twisted_private.header_values(request, b"Authorization") is None
+
+
 def test_forget_exit_signal_clears_what_twistd_would_re_raise():
     other = SelectReactor()  # not the running one: its signal handler only records
     try:

@@ -107,8 +107,12 @@ def parse_etags(header: bytes | None, name: str) -> str | tuple[int, ...] | None
 
 
 def apply_preconditions(request: IRequest, change: Change) -> Change:
-    change.if_match = parse_etags(request.getHeader(b"if-match"), "If-Match")
-    change.if_none_match = parse_etags(request.getHeader(b"if-none-match"), "If-None-Match")
+    if_match = twisted_private.header_values(request, b"If-Match")
+    if_none_match = twisted_private.header_values(request, b"If-None-Match")
+    if if_match is not None:  # the last one, as getHeader() answers
+        change.if_match = parse_etags(if_match[-1], "If-Match")
+    if if_none_match is not None:
+        change.if_none_match = parse_etags(if_none_match[-1], "If-None-Match")
     return change
 
 
@@ -236,7 +240,7 @@ class DacheAPI:
         entry = self.cache.get(key, self.clock.seconds())
         if entry is None:
             raise APIError(404, "key not found")
-        if request.requestHeaders.hasHeader(b"if-none-match"):
+        if twisted_private.header_values(request, b"If-None-Match") is not None:
             from dache.web.keyspace import not_modified  # (it builds on this module)
 
             if not_modified(request, entry.revision):

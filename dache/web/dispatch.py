@@ -105,7 +105,7 @@ class DacheResource(Resource):
             refusal = self.access.refuse(request)
             if refusal is not None:
                 return refusal
-        encodings = request.requestHeaders.getRawHeaders(b"content-encoding")
+        encodings = twisted_private.header_values(request, b"Content-Encoding")
         if encodings not in IDENTITY:
             raise APIError(415, "Content-Encoding is not supported; send the body as is")
         path = request.path

@@ -95,6 +95,9 @@ class DacheRequest(Request):
         # 413 rather than a reset (dache.web.channel: lingering close).
         self.channel.refuse(413, f"body is over the {limit}-byte limit", linger=True)
 
+    def parseCookies(self) -> None:
+        pass  # dache reads no cookies (twisted.web looks for them on every request)
+
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         if self._refused:
             return  # already answered 413; the connection is closing
@@ -127,7 +130,7 @@ class DacheRequest(Request):
                 f"the server is at its limit of {self.site.max_connections} connections; "
                 "retry later"
             )
-        hosts = self.requestHeaders.getRawHeaders(b"host")
+        hosts = twisted_private.header_values(self, b"Host")
         if hosts is None:
             if self.clientproto == b"HTTP/1.1":
                 return 400, "an HTTP/1.1 request needs a Host header"

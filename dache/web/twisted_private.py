@@ -21,6 +21,10 @@ What each shortcut relies on:
   the headers dache sets on every answer, from values it made itself (no
   CR or LF to sanitize): setHeader()'s encoding and sanitizing, five times
   an answer, cost a twentieth of a GET.
+- header_values(request, name): the request's headers are in the same
+  `_rawHeaders`, under the canonical name HTTPChannel stored them by
+  (b"Host", b"If-Match"): getRawHeaders() without the name's encoding, for
+  the headers every request is checked for.
 - waiting_for_transport(channel): HTTPChannel sets `_waitingForTransport`
   while its transport has asked it to pause (unsent output over bufferSize).
 - stop_reading(channel): HTTPChannel keeps the transport's push producer in
@@ -78,6 +82,11 @@ def send_now(transport: Any, data: bytes) -> bytes:
 def set_header(request: Any, name: bytes, value: bytes) -> None:
     """request.setHeader(name, value), for a canonical `name` and a `value` without CR/LF."""
     request.responseHeaders._rawHeaders[name] = [value]
+
+
+def header_values(request: Any, name: bytes) -> list[bytes] | None:
+    """request.requestHeaders.getRawHeaders(name), for a canonical `name`."""
+    return request.requestHeaders._rawHeaders.get(name)
 
 
 def waiting_for_transport(channel: Any) -> bool:
