@@ -26,9 +26,9 @@ wait in the Outbox for the end of the turn and go out back to back, and so
 do all of them in the turns that follow, until a turn has one connection
 answered again: every send to a peer asleep in epoll_wait costs the sender
 a wake-up of that peer (on loopback, under wrk at 64 connections, a sixth of
-a GET's CPU), and sends back to back find it awake. What waits is bounded by the transport's
-bufferSize (OUTPUT_BUFFER_BYTES) per connection, and is sent before the
-connection is closed.
+a GET's CPU), and sends back to back find it awake. What waits is bounded by
+the transport's bufferSize (OUTPUT_BUFFER_BYTES) per connection, and is sent
+before the connection is closed or a 100 Continue is.
 
 Timers per connection: Twisted's idle timeout is cancelled when a request
 comes in and made again when it is answered, and a request deadline would be
@@ -54,6 +54,8 @@ from dache.web.answer import error, finish
 # long and this much, so it can finish sending and read its 413.
 LINGER_SECONDS = 5.0
 LINGER_BYTES = 128 * 1024 * 1024
+# What int()'s ValueError says past the interpreter's digit limit.
+_DIGIT_LIMIT = "integer string conversion"
 # RFC 9110's reason phrases, where Twisted's table has older ones.
 REASONS = {
     408: b"Request Timeout",
@@ -322,11 +324,13 @@ class DacheChannel(twisted_private.ProtocolRefusals, HTTPChannel):
                     self._deadline = self.callLater(timeout, self._check_deadline)
         try:
             super().dataReceived(data)
-        except ValueError:
+        except ValueError as e:
             # twisted.web int()s a Content-Length once it has checked it is all
             # digits; past the interpreter's limit (sys.get_int_max_str_digits(),
             # 4,300) that raises out of its parser: no answer, a traceback logged.
             # (A request is parsed only once the one before it is answered.)
+            if _DIGIT_LIMIT not in str(e):
+                raise
             self.refuse(
                 400,
                 f"malformed request: a Content-Length of over {sys.get_int_max_str_digits()} "
