@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install run test lint format bench postgres-bin clean torture deploy-check
+.PHONY: install run test lint format bench profile postgres-bin clean torture deploy-check
 
 install: $(STAMP)
 
@@ -61,3 +61,12 @@ deploy-check: install postgres-bin
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info dache-data
+
+# py-spy profiles of GET hit, SET memory and DELETE at 1, 16, 64 and 256 connections, each
+# beside the bare twisted.web resource under the same load (bench/profile.py, bench/hot-path.md).
+# SECONDS per run (default 6); OUT: keep the folded stacks in that directory.
+SECONDS ?= 6
+profile: install
+	@sh bench/ensure-tools.sh
+	$(BIN)/python -m bench.profile --with-ceiling --kind "GET hit,SET memory,DELETE" \
+		--connections 1,16,64,256 --seconds $(SECONDS) --top 20 $(if $(OUT),--folded $(OUT),)

@@ -1,19 +1,30 @@
 """
-Profile a server under load with py-spy (sampling, so the server runs at
-nearly full speed) and print where its time goes:
+Profile servers under load with py-spy (sampling, so the server runs at
+nearly full speed) and print where their time goes:
 
     python -m bench.profile [--target dache-memory] [--kind "GET hit"]
                             [--connections 64] [--seconds 8] [--top 25]
+                            [--with-ceiling]
+
+--kind and --connections take comma-separated lists; --with-ceiling also
+profiles the bare twisted.web resource (bench/ceiling.py) under the same
+load, for each kind's ceiling kind, so the two compare like for like.
+`make profile` runs GET hit, SET memory and DELETE at 1, 16, 64 and 256
+connections with the ceiling beside them (bench/hot-path.md reads them).
 
 Prints the functions with the most samples on top of the stack ("self") and
 the most samples anywhere on the stack ("inclusive"); --folded keeps the raw
-folded stacks (for flamegraph tools).
+folded stacks (for flamegraph tools). py-spy sees Python frames only: time
+in a system call shows as the Python function that made it (untilConcludes
+is a send(), Connection.doRead a recv()); `perf record -g -p PID` shows the
+kernel's side (bench/hot-path.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -24,7 +35,7 @@ from typing import Any
 
 from bench.load import Sample, run_wrk
 from bench.run import FULL, Bench
-from bench.scenarios import write_request_file
+from bench.scenarios import KINDS, write_request_file
 from bench.servers import LOAD_CPU, pinned
 
 
@@ -83,32 +94,46 @@ def profile_server(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--target", default="dache-memory")
-    parser.add_argument("--kind", default="GET hit")
-    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--kind", default="GET hit", help="comma-separated scenario kinds")
+    parser.add_argument("--connections", default="64", help="comma-separated counts")
     parser.add_argument("--value-bytes", type=int, default=100)
     parser.add_argument("--seconds", type=int, default=8)
     parser.add_argument("--top", type=int, default=25)
-    parser.add_argument("--folded", help="keep the folded stacks in this file")
+    parser.add_argument("--with-ceiling", action="store_true", help="profile the ceiling too")
+    parser.add_argument("--folded", help="keep the folded stacks in this directory")
     args = parser.parse_args(argv)
+    kinds = [kind.strip() for kind in args.kind.split(",") if kind.strip()]
+    counts = [int(n) for n in args.connections.split(",")]
+    ceiling_target = f"ceiling-{args.value_bytes}"
+    runs = []  # (target, kind, connections)
+    for connections in counts:
+        for kind in kinds:
+            if args.with_ceiling and KINDS[kind][0] is not None:
+                runs.append((ceiling_target, KINDS[kind][0], connections))
+            runs.append((args.target, kind, connections))
 
+    mode = dataclasses.replace(FULL, value_sizes=(args.value_bytes,))
     with tempfile.TemporaryDirectory(prefix="dache-profile-") as workdir:
-        bench = Bench(FULL, workdir)
+        bench = Bench(mode, workdir)
         try:
-            bench.start({args.target})
-            server = bench.servers[args.target]
-            sample, folded = profile_server(
-                server, args.kind, args.connections, args.value_bytes, args.seconds, workdir
-            )
+            bench.start({target for target, _, _ in runs})
+            for target, kind, connections in runs:
+                server = bench.servers[target]
+                sample, folded = profile_server(
+                    server, kind, connections, args.value_bytes, args.seconds, workdir
+                )
+                if args.folded:
+                    os.makedirs(args.folded, exist_ok=True)
+                    name = f"{kind}-c{connections}.folded".replace(" ", "_")
+                    shutil.copy(folded, os.path.join(args.folded, name))
+                print(f"\n## {kind} on {target}, {connections} connections: ", end="")
+                print(
+                    f"{sample.rps:.0f} req/s, p50 {sample.p50_ms:.2f} ms, "
+                    f"p99 {sample.p99_ms:.2f} ms, {sample.cpu_us or 0:.1f} us CPU/req"
+                )
+                print(summarize(folded, args.top), flush=True)
         finally:
             bench.stop()
-        if args.folded:
-            shutil.copy(folded, args.folded)
-        print(f"{args.kind} on {args.target}, {args.connections} connections: ", end="")
-        print(
-            f"{sample.rps:.0f} req/s, p50 {sample.p50_ms:.2f} ms, p99 {sample.p99_ms:.2f} ms, "
-            f"{sample.cpu_us:.1f} us CPU/req"
-        )
-        print(summarize(folded, args.top))
     return 0
 
 

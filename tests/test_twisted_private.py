@@ -52,6 +52,23 @@ def test_send_now_leaves_other_transports_alone():
     assert twisted_private.send_now(StringTransport(), b"data") == b"data"
 
 
+@pytest_twisted.inlineCallbacks
+def test_plain_tcp_is_a_tcp_connection_without_tls_served_by_its_reactor():
+    factory = Factory.forProtocol(_Keep)
+    factory.connected = Deferred()
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    client = socket.create_connection(("127.0.0.1", port.getHost().port))
+    try:
+        server = yield factory.connected
+        assert twisted_private.plain_tcp(server.transport)
+        assert server.transport.reactor is reactor  # the Outbox's end of turn is its
+        assert not twisted_private.plain_tcp(StringTransport())
+    finally:
+        client.close()
+        server.transport.abortConnection()
+        yield port.stopListening()
+
+
 def _channel() -> HTTPChannel:
     channel = HTTPChannel()
     channel.makeConnection(StringTransport())
@@ -94,6 +111,38 @@ def test_client_gone_is_set_when_the_connection_is_lost():
     assert not twisted_private.client_gone(request)
     request.connectionLost(Exception("gone"))
     assert twisted_private.client_gone(request)
+
+
+def test_set_header_is_what_set_header_stores_for_the_names_dache_sets():
+    from dache.web.answer import CONTENT_LENGTH, CONTENT_TYPE, ETAG
+
+    for name in (CONTENT_TYPE, CONTENT_LENGTH, ETAG, b"Server", b"Date"):
+        shortcut, public = Request(DummyChannel()), Request(DummyChannel())
+        twisted_private.set_header(shortcut, name, b"v")
+        public.setHeader(name.lower(), b"v")
+        assert list(shortcut.responseHeaders.getAllRawHeaders()) == [(name, [b"v"])]
+        assert list(public.responseHeaders.getAllRawHeaders()) == [(name, [b"v"])]
+        assert shortcut.responseHeaders.getRawHeaders(name.lower()) == [b"v"]
+        public.setHeader(name, b"w")  # and the public API finds and replaces it
+        twisted_private.set_header(shortcut, name, b"w")
+        assert list(shortcut.responseHeaders.getAllRawHeaders()) == [(name, [b"w"])]
+
+
+def test_header_values_finds_the_headers_as_the_channel_stored_them():
+    channel = _channel()
+    channel.requestFactory = _Held
+    channel.dataReceived(
+        b'POST / HTTP/1.1\r\nhost: x\r\nIF-MATCH: "1"\r\nif-none-match: *\r\n'
+        b'if-none-match: "2"\r\ncontent-encoding: gzip\r\nContent-Length: 0\r\n\r\n'
+    )
+    request = channel.requests[0]
+    for name in (b"Host", b"If-Match", b"If-None-Match", b"Content-Encoding"):
+        values = twisted_private.header_values(request, name)
+        assert values and values == request.requestHeaders.getRawHeaders(name.lower())
+    assert twisted_private.header_values(request, b"If-None-Match")[-1] == request.getHeader(
+        b"if-none-match"
+    )
+    assert twisted_private.header_values(request, b"Authorization") is None
 
 
 def test_forget_exit_signal_clears_what_twistd_would_re_raise():

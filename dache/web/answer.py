@@ -15,6 +15,10 @@ from dache.rendering import render_json
 from dache.web import twisted_private
 
 JSON = b"application/json"
+# Header names as twisted.web's Headers spells them (twisted_private.set_header).
+CONTENT_TYPE = b"Content-Type"
+CONTENT_LENGTH = b"Content-Length"
+ETAG = b"ETag"
 
 
 class APIError(Exception):
@@ -35,7 +39,7 @@ def error_body(message: str) -> bytes:
 def error(request: IRequest, status: int, message: str) -> bytes:
     """Set `status` and the JSON content type; return the error's body."""
     request.setResponseCode(status)
-    request.setHeader(b"content-type", JSON)
+    twisted_private.set_header(request, CONTENT_TYPE, JSON)
     return error_body(message)
 
 
@@ -46,7 +50,7 @@ def finish(request: IRequest, body: bytes | None) -> None:
     """
     if body is None or twisted_private.client_gone(request):
         return  # the client went away; whatever it asked for carried on
-    request.setHeader(b"content-length", b"%d" % len(body))
+    twisted_private.set_header(request, CONTENT_LENGTH, b"%d" % len(body))
     if body and request.method != b"HEAD":
         request.write(body)
     request.finish()

@@ -42,7 +42,8 @@ from dache.rendering import render_json
 from dache.store.cache import Cache
 from dache.store.committer import Committer
 from dache.store.eviction import OutOfMemory
-from dache.web.answer import JSON, APIError, error
+from dache.web import twisted_private
+from dache.web.answer import CONTENT_TYPE, ETAG, JSON, APIError, error
 from dache.web.health import HealthMonitor
 from dache.web.health import respond as health_response
 from dache.web.json_text import BadJSON, NotAnObject, object_members
@@ -106,8 +107,12 @@ def parse_etags(header: bytes | None, name: str) -> str | tuple[int, ...] | None
 
 
 def apply_preconditions(request: IRequest, change: Change) -> Change:
-    change.if_match = parse_etags(request.getHeader(b"if-match"), "If-Match")
-    change.if_none_match = parse_etags(request.getHeader(b"if-none-match"), "If-None-Match")
+    if_match = twisted_private.header_values(request, b"If-Match")
+    if_none_match = twisted_private.header_values(request, b"If-None-Match")
+    if if_match is not None:  # the last one, as getHeader() answers
+        change.if_match = parse_etags(if_match[-1], "If-Match")
+    if if_none_match is not None:
+        change.if_none_match = parse_etags(if_none_match[-1], "If-None-Match")
     return change
 
 
@@ -235,13 +240,13 @@ class DacheAPI:
         entry = self.cache.get(key, self.clock.seconds())
         if entry is None:
             raise APIError(404, "key not found")
-        if request.requestHeaders.hasHeader(b"if-none-match"):
+        if twisted_private.header_values(request, b"If-None-Match") is not None:
             from dache.web.keyspace import not_modified  # (it builds on this module)
 
             if not_modified(request, entry.revision):
                 return b""
-        request.setHeader(b"content-type", JSON)
-        request.setHeader(b"etag", etag(entry.revision))
+        twisted_private.set_header(request, CONTENT_TYPE, JSON)
+        twisted_private.set_header(request, ETAG, etag(entry.revision))
         return entry.body
 
     def request_body(self, request: IRequest) -> bytes:
@@ -291,7 +296,7 @@ class DacheAPI:
     def acknowledged(revision: int, request: IRequest) -> bytes:
         request.setResponseCode(204)
         if revision:
-            request.setHeader(b"etag", etag(revision))
+            twisted_private.set_header(request, ETAG, etag(revision))
         return b""
 
     def write_failed(self, failure: Failure, request: IRequest) -> bytes | None:

@@ -33,7 +33,8 @@ from twisted.web.server import NOT_DONE_YET
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from dache.engines import Change
-from dache.web.answer import APIError, error, finish
+from dache.web import twisted_private
+from dache.web.answer import CONTENT_LENGTH, APIError, error, finish
 from dache.web.api import DacheAPI, parse_key
 
 KEY_VARIABLE = "<path:key>"
@@ -84,7 +85,7 @@ class DacheResource(Resource):
         if type(result) is bytes:
             # The answer now; Request.render (or DacheRequest) sends it.
             if request.method == b"HEAD":
-                request.setHeader(b"content-length", b"%d" % len(result))
+                twisted_private.set_header(request, CONTENT_LENGTH, b"%d" % len(result))
                 return b""
             return result
         if isinstance(result, Change):
@@ -104,7 +105,7 @@ class DacheResource(Resource):
             refusal = self.access.refuse(request)
             if refusal is not None:
                 return refusal
-        encodings = request.requestHeaders.getRawHeaders(b"content-encoding")
+        encodings = twisted_private.header_values(request, b"Content-Encoding")
         if encodings not in IDENTITY:
             raise APIError(415, "Content-Encoding is not supported; send the body as is")
         path = request.path

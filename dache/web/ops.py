@@ -77,7 +77,13 @@ def parse_list(request: IRequest) -> ListQuery:
     limit = DEFAULT_LIMIT
     if "limit" in parameters:
         text = parameters["limit"]
-        if not text.isascii() or not text.isdigit() or not 1 <= int(text) <= MAX_LIMIT:
+        # (the length first: int() of over 4,300 digits raises ValueError)
+        if (
+            not text.isascii()
+            or not text.isdigit()
+            or len(text) > 9
+            or not 1 <= int(text) <= MAX_LIMIT
+        ):
             raise APIError(400, f'parameter "limit" must be a whole number from 1 to {MAX_LIMIT}')
         limit = int(text)
     return ListQuery(

@@ -14,9 +14,10 @@ from twisted.python.failure import Failure
 from twisted.web.http import datetimeToString
 from twisted.web.server import Request, Site, version
 
+from dache.web import twisted_private
 from dache.web.answer import error, finish
 from dache.web.api import KEY_PREFIX
-from dache.web.channel import DacheChannel
+from dache.web.channel import DacheChannel, Outbox
 from dache.web.stream import Stream
 
 if TYPE_CHECKING:
@@ -94,6 +95,9 @@ class DacheRequest(Request):
         # 413 rather than a reset (dache.web.channel: lingering close).
         self.channel.refuse(413, f"body is over the {limit}-byte limit", linger=True)
 
+    def parseCookies(self) -> None:
+        pass  # dache reads no cookies (twisted.web looks for them on every request)
+
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         if self._refused:
             return  # already answered 413; the connection is closing
@@ -105,8 +109,8 @@ class DacheRequest(Request):
         # (dache.web.dispatch), so there is no traversal, and the Date header
         # is formatted once a second (formatting it costs ~3% of a GET).
         self.site = self.channel.site
-        self.setHeader(b"Server", version)
-        self.setHeader(b"Date", _HTTPDate.now())
+        twisted_private.set_header(self, b"Server", version)
+        twisted_private.set_header(self, b"Date", _HTTPDate.now())
         try:
             refusal = self._refusal()
             if refusal is not None:
@@ -126,7 +130,7 @@ class DacheRequest(Request):
                 f"the server is at its limit of {self.site.max_connections} connections; "
                 "retry later"
             )
-        hosts = self.requestHeaders.getRawHeaders(b"host")
+        hosts = twisted_private.header_values(self, b"Host")
         if hosts is None:
             if self.clientproto == b"HTTP/1.1":
                 return 400, "an HTTP/1.1 request needs a Host header"
@@ -214,6 +218,7 @@ class DacheSite(Site):
         self.pipeline_buffer_bytes = pipeline_buffer_bytes
         self.send_timeout = send_timeout
         self.max_connections = max_connections  # None: no limit
+        self.outbox = Outbox()  # answers sent at the end of a reactor turn (dache.web.channel)
         self.open_connections = 0
         self.max_body_bytes = max_body_bytes
         self.log_requests = access_log
