@@ -18,7 +18,7 @@ from dache.engines import SET, Change, EngineUnavailable
 from dache.engines.disk import LOG_NAME, DiskEngine, repair
 from dache.engines.disklog import FRAME, HEADER, scan
 from dache.errors import StartupError
-from dache.store.cache import Cache
+from dache.store.cache import Cache, body_of, revision_of, value_json_of, value_of
 from dache.store.committer import Committer
 
 
@@ -53,7 +53,9 @@ class Node:
     def content(self):
         """What GET would serve: key -> (body, revision)."""
         now = reactor.seconds()
-        return {k: (e.body, e.revision) for k, e in self.cache.items() if self.cache.get(k, now)}
+        return {
+            k: (body_of(e), revision_of(e)) for k, e in self.cache.items() if self.cache.get(k, now)
+        }
 
     async def close(self):
         await self.committer.drain()
@@ -108,7 +110,7 @@ async def test_content_and_revisions_are_identical_after_a_restart(tmp_path):
 
     again = await opened(tmp_path)
     assert again.content() == before
-    assert again.cache.get("int expiry", 0).body.startswith(
+    assert body_of(again.cache.get("int expiry", 0)).startswith(
         b'{"key":"int expiry","expiry":4000000000,'
     )
     assert "deleted" not in again.cache
@@ -235,7 +237,7 @@ async def test_everysec_and_no_acknowledge_before_fsync_and_sync_on_close(tmp_pa
         assert node.engine._writer.unsynced  # acknowledged from the page cache
         await node.close()
         again = await opened(tmp_path / mode)
-        assert again.cache.get("k", 0).value == "v"
+        assert value_of(again.cache.get("k", 0)) == "v"
         await again.close()
 
 
@@ -291,12 +293,12 @@ async def test_compaction_under_concurrent_writes_and_deletes_loses_and_resurrec
     assert node.engine.compactions >= 3
     assert acknowledged["while_compacting"] > 0  # writes went on during compaction
 
-    assert {k: e.value_json for k, e in node.cache.items()} == model
+    assert {k: value_json_of(e) for k, e in node.cache.items()} == model
     written = node.engine.log_bytes
     await node.close()
     assert not os.path.exists(node.log_path + ".compact")
     again = await opened(tmp_path)
-    assert {k: e.value_json for k, e in again.cache.items()} == model
+    assert {k: value_json_of(e) for k, e in again.cache.items()} == model
     assert os.path.getsize(again.log_path) == written
     await again.close()
 

@@ -24,6 +24,7 @@ from dache.engines.disklog import (
     sync_file,
     write_all,
 )
+from dache.store.cache import expiry_of, revision_of, value_json_of
 
 RECORD_BYTES = 1 << 20  # the snapshot is written as records of about this size
 CATCH_UP_ROUNDS = 16
@@ -71,10 +72,10 @@ def _write_entries(fd: int, entries: Mapping[str, Any], now: float, abort: threa
     parts: list[bytes] = []
     size = 0
     for key, entry in entries.items():
-        expiry = entry.expiry
+        expiry = expiry_of(entry)
         if expiry is not None and expiry <= now:
             continue  # expired entries are dropped here, as at replay
-        part = encode_set(key.encode("utf-8"), entry.value_json, expiry, entry.revision)
+        part = encode_set(key.encode("utf-8"), value_json_of(entry), expiry, revision_of(entry))
         parts.append(part)
         size += len(part)
         kept += 1

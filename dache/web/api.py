@@ -39,7 +39,7 @@ from twisted.web.resource import Resource
 
 from dache.engines import ANY, Change, EngineUnavailable, PreconditionFailed
 from dache.rendering import render_json
-from dache.store.cache import Cache
+from dache.store.cache import Cache, revision_of
 from dache.store.committer import Committer
 from dache.store.eviction import OutOfMemory
 from dache.web.answer import JSON, APIError, error
@@ -238,11 +238,11 @@ class DacheAPI:
         if request.requestHeaders.hasHeader(b"if-none-match"):
             from dache.web.keyspace import not_modified  # (it builds on this module)
 
-            if not_modified(request, entry.revision):
+            if not_modified(request, revision_of(entry)):
                 return b""
         request.setHeader(b"content-type", JSON)
-        request.setHeader(b"etag", etag(entry.revision))
-        return entry.body
+        request.setHeader(b"etag", entry[3 : entry[2]])  # etag_of and body_of, inlined
+        return entry[entry[0] :]
 
     def request_body(self, request: IRequest) -> bytes:
         """The request's body; 413 past MAX_VALUE_BYTES."""
