@@ -74,6 +74,7 @@ class DacheService(service.Service):
         self.cache = Cache()
         self.bound = MemoryBound(self.cache, config.max_memory, config.eviction_policy)
         self._loading = LoadBound(self.bound, config.max_memory)
+        self._history_bytes = self.bound.reserve_history(config.watch_history_bytes)
         self.engine: Any = None
         self.committer: Committer | None = None
         self.api: DacheAPI | None = None
@@ -190,6 +191,7 @@ class DacheService(service.Service):
             followed,
             revision=self.committer.revision,
         )
+        self.watchers.feed.history_bytes = self._history_bytes  # within MAX_MEMORY
         if self.metrics is not None:
             self.metrics.watchers = self.watchers
         self.site = DacheSite(

@@ -395,3 +395,31 @@ def test_an_lru_read_moves_a_key_to_the_current_tick():
     assert ticks == sorted(ticks) and ticks[0] < ticks[2]  # one tick per write batch
     assert (yield get_code(node, "k0")) == 200
     assert node.cache.uses["k0"] == node.cache.new_use >= ticks[2]
+
+
+def test_bodies_with_pages_of_their_own_count_whole_pages():
+    # Under a bound, glibc maps blocks of 32 KiB and more on their own
+    # (dache.mallocpolicy): RSS grows by whole pages, and so does `used`.
+    cache = Cache()
+    cache.set("small", b'"' + b"x" * 1000 + b'"')
+    small = len(body_of(cache.peek("small")))
+    assert cache.bytes == len("small") + small  # below the threshold: as long as it is
+    cache.set("large", b'"' + b"x" * 40_000 + b'"')
+    large = len(body_of(cache.peek("large")))
+    counted = cache.bytes - len("small") - small - len("large")
+    assert counted > large and (counted + 64) % 4096 == 0
+    assert cache.entry_cost("large", cache.peek("large")) == len("large") + counted + ENTRY_OVERHEAD
+    cache.delete("large")
+    cache.delete("small")
+    assert cache.bytes == 0
+
+
+def test_the_watch_history_budget_is_kept_within_max_memory():
+    cache = Cache()
+    bound = MemoryBound(cache, 1024 * 1024, "allkeys-lru")
+    assert bound.reserve_history(16 * 1024 * 1024) == 128 * 1024  # an eighth of the bound
+    assert cache.used == 128 * 1024  # counted from the start, before the first write
+    assert MemoryBound(Cache(), 1 << 30).reserve_history(16 << 20) == 16 << 20
+    unbounded = Cache()
+    assert MemoryBound(unbounded, 0).reserve_history(16 << 20) == 16 << 20
+    assert unbounded.used == 0  # no bound: nothing to keep it within

@@ -50,6 +50,18 @@ _EXPIRY_PREFIX = 10  # ,"expiry":
 # bytes here, a float, a tuple and a heap slot in the expiry heap.
 ENTRY_OVERHEAD = 136
 EXPIRY_OVERHEAD = 112
+# Bodies this large get pages of their own under a memory bound (dache.mallocpolicy's
+# MMAP_THRESHOLD): count them rounded up to whole pages, as RSS does.
+MAPPED_BODY = 32 * 1024
+PAGE = 4096
+_MAPPED_HEADERS = 64  # the bytes object's and the entry's headers, malloc's own
+
+
+def held(body_length: int) -> int:
+    """The bytes a body of this length holds: itself, or its whole pages once mapped."""
+    if body_length < MAPPED_BODY:
+        return body_length
+    return -(-(body_length + _MAPPED_HEADERS) // PAGE) * PAGE - _MAPPED_HEADERS
 
 
 def render_entry(key_json: bytes, value_json: bytes, expiry: float | None, revision: int) -> Entry:
@@ -145,6 +157,10 @@ class Cache:
         # set() and delete() keep it in step, so every mutation path does.
         self._index: KeyIndex | None = None
         self.revision = 0  # the highest revision applied
+        # Bytes kept in `used` for copies of recent values held outside this map,
+        # so that MAX_MEMORY bounds them too: the watch history's budget
+        # (MemoryBound.reserve_history).
+        self.reserved = 0
 
     def index(self) -> KeyIndex:
         """The sorted key index, built (one sort) the first time it is asked for."""
@@ -168,12 +184,13 @@ class Cache:
             self.bytes
             + self.entry_overhead * len(self._entries)
             + EXPIRY_OVERHEAD * self.with_expiry
+            + self.reserved
         )
 
     def cost(self, key: str, body_length: int, has_expiry: bool) -> int:
         """What one entry adds to `used` (the committer's projection before a write)."""
         extra = self.entry_overhead + (EXPIRY_OVERHEAD if has_expiry else 0)
-        return len(key) + body_length + extra
+        return len(key) + held(body_length) + extra
 
     def entry_cost(self, key: str, entry: Entry) -> int:
         return self.cost(key, len(entry) - entry[0], entry[1] == 1)
@@ -207,13 +224,13 @@ class Cache:
         entries[key] = entry
         # One update of the byte count: a million of these at start-up.
         if old is None:
-            self.bytes += len(key) + len(entry) - entry[0]
+            self.bytes += len(key) + held(len(entry) - entry[0])
             if self._index is not None:
                 self._index.add(key)
             if self.sample_keys is not None:
                 self.sample_keys.append(key)
         else:
-            self.bytes += len(entry) - entry[0] - len(old) + old[0]
+            self.bytes += held(len(entry) - entry[0]) - held(len(old) - old[0])
             if old[1]:
                 self.with_expiry -= 1
         if self.uses is not None:
@@ -229,7 +246,7 @@ class Cache:
         old = self._entries.pop(key, None)
         if old is None:
             return False
-        self.bytes -= len(old) - old[0] + len(key)
+        self.bytes -= held(len(old) - old[0]) + len(key)
         if old[1]:
             self.with_expiry -= 1
         if self._index is not None:

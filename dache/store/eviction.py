@@ -58,6 +58,7 @@ SAMPLES = 8  # keys sampled per victim (Redis: maxmemory-samples 5, with a pool 
 GIVE_UP_AFTER = 64  # samples in a row that found no candidate
 SAMPLE_SLOT = 8  # allkeys-*: a key's pointer in Cache.sample_keys
 USE_SLOT = 26  # LRU / LFU: a key's slot in Cache.uses (measured like ENTRY_OVERHEAD)
+HISTORY_SHARE = 8  # the watch history may take up to 1/8 of MAX_MEMORY
 LFU_INIT = 5  # a new key's counter (Redis's LFU_INIT_VAL)
 LFU_LOG_FACTOR = 10
 LFU_DECAY_SECONDS = 60
@@ -127,6 +128,17 @@ class MemoryBound:
             cache.sample_keys = list(cache._entries)
             overhead += SAMPLE_SLOT
         cache.entry_overhead = overhead
+
+    def reserve_history(self, history_bytes: int) -> int:
+        """
+        Keep the watch history's budget (WATCH_HISTORY_BYTES: it holds a copy of
+        each recent value) within MAX_MEMORY, at most an eighth of it so the
+        entries keep the rest. Answers the history's byte bound to use.
+        """
+        if not self.limit:
+            return history_bytes
+        self.cache.reserved = min(history_bytes, self.limit // HISTORY_SHARE)
+        return self.cache.reserved
 
     @property
     def evicts(self) -> bool:
