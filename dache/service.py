@@ -123,6 +123,8 @@ class DacheService(service.Service):
         began = time.monotonic()
         gcpolicy.pause()  # see dache.gcpolicy: the load makes no cycles
         try:
+            if hasattr(self.engine, "load_entry"):  # the disk engine's compacted entries
+                self.engine.load_entry = self._load_entry
             yield self.engine.load(self._apply_loaded)
             self.cache.expire(reactor.seconds())
             self._loading.finished()  # over MAX_MEMORY with noeviction: StartupError
@@ -237,7 +239,12 @@ class DacheService(service.Service):
         else:
             self.cache.delete(change.key)
         if self._loading.active:  # MAX_MEMORY: evict while loading, or refuse to start
-            self._loading.loaded(change)
+            self._loading.loaded(change.key)
+
+    def _load_entry(self, key: str, entry: bytes, revision: int) -> None:
+        self.cache.put(key, entry, revision)
+        if self._loading.active:
+            self._loading.loaded(key)
 
     def _sweep(self) -> None:
         self.cache.expire(self.reactor.seconds())

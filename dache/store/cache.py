@@ -2,47 +2,48 @@
 The in-memory map: entries, their expiry index and size accounting.
 
 Pure: no I/O and no reactor. Callers pass `now` (unix seconds) explicitly, so
-expiry is driven by whatever clock the service injects.
-
-An entry is one bytes object (no Python object, int or tuple of its own: a
-cache holds millions of them): a short header, then the GET response body,
-pre-rendered with the value's JSON text at its end, so a read is one dict
-lookup and two slices (the ETag, the body):
-
-    byte 0        h: where the body starts
-    byte 1        1 if the entry has an expiry, else 0
-    byte 2        t: where the ETag ends (it starts at 3)
-    [3:t]         the ETag as sent, the revision in quotes: "<revision>"
-    [t:t+4]       where the value's JSON starts (little-endian u32)
-    [t+4:t+12]    the expiry (little-endian f64), only if byte 1 is 1
-    [h:]          {"key":<key>,"expiry":<expiry>,"value":<value>}   ("expiry" only if set)
-
-The functions below read it (body_of, etag_of, revision_of, expiry_of,
-value_json_of); render_entry makes one.
+expiry is driven by whatever clock the service injects. An entry is one bytes
+object, laid out as dache/entry.py says.
 """
 
 from __future__ import annotations
 
 import heapq
-import json
-import struct
 from collections.abc import Callable, Iterator
 
-from dache.rendering import render_json, render_key
+from dache.entry import (  # re-exported: the store's users read entries through here
+    EXPIRY_AT,
+    Entry,
+    body_length_of,
+    body_of,
+    etag_of,
+    expiry_json_of,
+    expiry_of,
+    render_entry,
+    revision_of,
+    value_json_of,
+    value_of,
+)
+from dache.rendering import render_key
 from dache.store.keyindex import KeyIndex
 
-Entry = bytes  # the layout above
+__all__ = [
+    "EXPIRY_AT",
+    "Cache",
+    "Entry",
+    "body_length_of",
+    "body_of",
+    "etag_of",
+    "expiry_json_of",
+    "expiry_of",
+    "render_entry",
+    "revision_of",
+    "value_json_of",
+    "value_of",
+]
 
-_OFFSET = struct.Struct("<I")
-_OFFSET_EXPIRY = struct.Struct("<Id")
-EXPIRY_AT = struct.Struct("<d").unpack_from
-_START_AT = _OFFSET.unpack_from
-_KEY_PREFIX = 7  # {"key":
-_VALUE_PREFIX = 9  # ,"value":
-_EXPIRY_PREFIX = 10  # ,"expiry":
-
-# What an entry costs beyond its key's characters and its body (the JSON
-# above): the key's str header, the entry's bytes header and its own header
+# What an entry costs beyond its key's characters and its body (the GET
+# body, see dache/entry.py): the key's str header, the entry's bytes header and its own header
 # (ETag, offsets, expiry), the dict slot, malloc's rounding. Measured
 # (CPython 3.11, 64-bit): RSS growth of a process filling a Cache with
 # 300,000 entries, less their keys and bodies, per entry; see docs/DESIGN.md
@@ -62,66 +63,6 @@ def held(body_length: int) -> int:
     if body_length < MAPPED_BODY:
         return body_length
     return -(-(body_length + _MAPPED_HEADERS) // PAGE) * PAGE - _MAPPED_HEADERS
-
-
-def render_entry(key_json: bytes, value_json: bytes, expiry: float | None, revision: int) -> Entry:
-    """The entry of a key (as JSON text), a value's JSON text, its expiry and revision."""
-    tag = b'"%d"' % revision
-    t = 3 + len(tag)
-    if expiry is None:
-        h = t + 4
-        start = h + _KEY_PREFIX + len(key_json) + _VALUE_PREFIX
-        return b'%c\x00%c%b%b{"key":%b,"value":%b}' % (
-            h,
-            t,
-            tag,
-            _OFFSET.pack(start),
-            key_json,
-            value_json,
-        )
-    expiry_json = render_json(expiry)
-    h = t + 12
-    start = h + _KEY_PREFIX + len(key_json) + _EXPIRY_PREFIX + len(expiry_json) + _VALUE_PREFIX
-    return b'%c\x01%c%b%b{"key":%b,"expiry":%b,"value":%b}' % (
-        h,
-        t,
-        tag,
-        _OFFSET_EXPIRY.pack(start, expiry),
-        key_json,
-        expiry_json,
-        value_json,
-    )
-
-
-def body_of(entry: Entry) -> bytes:
-    """The GET response body: {"key":..,"value":..}."""
-    return entry[entry[0] :]
-
-
-def etag_of(entry: Entry) -> bytes:
-    """The ETag header's value: the revision in quotes."""
-    return entry[3 : entry[2]]
-
-
-def revision_of(entry: Entry) -> int:
-    return int(entry[4 : entry[2] - 1])
-
-
-def expiry_of(entry: Entry) -> float | None:
-    return EXPIRY_AT(entry, entry[2] + 4)[0] if entry[1] else None
-
-
-def value_json_of(entry: Entry) -> bytes:
-    """The value's JSON text, exactly as stored."""
-    return entry[_START_AT(entry, entry[2])[0] : -1]
-
-
-def value_of(entry: Entry) -> object:
-    return json.loads(value_json_of(entry))
-
-
-def body_length_of(entry: Entry) -> int:
-    return len(entry) - entry[0]
 
 
 class Cache:
@@ -218,28 +159,34 @@ class Cache:
     ) -> Entry:
         if key_json is None:
             key_json = render_key(key)
-        entry = render_entry(key_json, value_json, expiry, revision)
+        return self.put(key, render_entry(key_json, value_json, expiry, revision), revision)
+
+    def put(self, key: str, entry: Entry, revision: int) -> Entry:
+        """Set key to an entry already rendered (set(), and the disk engine's replay)."""
         entries = self._entries
         old = entries.get(key)
         entries[key] = entry
         # One update of the byte count: a million of these at start-up.
+        length = len(entry) - entry[0]
+        if length >= MAPPED_BODY:
+            length = held(length)
         if old is None:
-            self.bytes += len(key) + held(len(entry) - entry[0])
+            self.bytes += len(key) + length
             if self._index is not None:
                 self._index.add(key)
             if self.sample_keys is not None:
                 self.sample_keys.append(key)
         else:
-            self.bytes += held(len(entry) - entry[0]) - held(len(old) - old[0])
+            self.bytes += length - held(len(old) - old[0])
             if old[1]:
                 self.with_expiry -= 1
         if self.uses is not None:
             self.uses[key] = self.new_use
         if revision > self.revision:
             self.revision = revision
-        if expiry is not None:
+        if entry[1]:
             self.with_expiry += 1
-            heapq.heappush(self._expiries, (expiry, key))
+            heapq.heappush(self._expiries, (EXPIRY_AT(entry, entry[2] + 4)[0], key))
         return entry
 
     def delete(self, key: str) -> bool:

@@ -452,9 +452,10 @@ class LoadBound:
         self.active = bool(limit)
         self.evicted: set[str] = set()  # evicted keys the engine still holds
 
-    def loaded(self, change: Any) -> None:
+    def loaded(self, key: str) -> None:
+        """A key the load just set or deleted."""
         bound, cache = self.bound, self.bound.cache
-        self.evicted.discard(change.key)  # set again or deleted by a later record
+        self.evicted.discard(key)  # set again or deleted by a later record
         used = cache.used
         if used <= self.limit:
             return
@@ -464,7 +465,6 @@ class LoadBound:
             if used > 2 * self.limit:
                 self.refuse()
             return
-        key = change.key
         room = bound.make_room(used - self.limit, lambda k: k == key)
         if not room:
             self.refuse()
