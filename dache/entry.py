@@ -8,12 +8,12 @@ cache holds millions of them): a short header, then the GET response body,
 pre-rendered with the value's JSON text at its end, so a read is one dict
 lookup and two slices (the ETag, the body):
 
-    byte 0        h: where the body starts
+    byte 0        h: where the body starts (and the ETag ends)
     byte 1        1 if the entry has an expiry, else 0
-    byte 2        t: where the ETag ends (it starts at 3)
-    [3:t]         the ETag as sent, the revision in quotes: "<revision>"
-    [t:t+4]       where the value's JSON starts (little-endian u32)
-    [t+4:t+12]    the expiry (little-endian f64), only if byte 1 is 1
+    byte 2        s: where the ETag starts (15 with an expiry, else 7)
+    [3:7]         where the value's JSON starts (little-endian u32)
+    [7:15]        the expiry (little-endian f64), only if byte 1 is 1
+    [s:h]         the ETag as sent, the revision in quotes: "<revision>"
     [h:]          {"key":<key>,"expiry":<expiry>,"value":<value>}   ("expiry" only if set)
 
 The functions below read it (body_of, etag_of, revision_of, expiry_of,
@@ -37,31 +37,31 @@ _START_AT = _OFFSET.unpack_from
 _KEY_PREFIX = 7  # {"key":
 _VALUE_PREFIX = 9  # ,"value":
 _EXPIRY_PREFIX = 10  # ,"expiry":
+EXPIRY_OFFSET = 7
+_PLAIN_TAG = 7  # where the ETag starts without an expiry
+_EXPIRING_TAG = 15  # and with one
 
 
 def render_entry(key_json: bytes, value_json: bytes, expiry: float | None, revision: int) -> Entry:
     """The entry of a key (as JSON text), a value's JSON text, its expiry and revision."""
     tag = b'"%d"' % revision
-    t = 3 + len(tag)
     if expiry is None:
-        h = t + 4
+        h = _PLAIN_TAG + len(tag)
         start = h + _KEY_PREFIX + len(key_json) + _VALUE_PREFIX
-        return b'%c\x00%c%b%b{"key":%b,"value":%b}' % (
+        return b'%c\x00\x07%b%b{"key":%b,"value":%b}' % (
             h,
-            t,
-            tag,
             _OFFSET.pack(start),
+            tag,
             key_json,
             value_json,
         )
     expiry_json = render_json(expiry)
-    h = t + 12
+    h = _EXPIRING_TAG + len(tag)
     start = h + _KEY_PREFIX + len(key_json) + _EXPIRY_PREFIX + len(expiry_json) + _VALUE_PREFIX
-    return b'%c\x01%c%b%b{"key":%b,"expiry":%b,"value":%b}' % (
+    return b'%c\x01\x0f%b%b{"key":%b,"expiry":%b,"value":%b}' % (
         h,
-        t,
-        tag,
         _OFFSET_EXPIRY.pack(start, expiry),
+        tag,
         key_json,
         expiry_json,
         value_json,
@@ -75,20 +75,20 @@ def body_of(entry: Entry) -> bytes:
 
 def etag_of(entry: Entry) -> bytes:
     """The ETag header's value: the revision in quotes."""
-    return entry[3 : entry[2]]
+    return entry[entry[2] : entry[0]]
 
 
 def revision_of(entry: Entry) -> int:
-    return int(entry[4 : entry[2] - 1])
+    return int(entry[entry[2] + 1 : entry[0] - 1])
 
 
 def expiry_of(entry: Entry) -> float | None:
-    return EXPIRY_AT(entry, entry[2] + 4)[0] if entry[1] else None
+    return EXPIRY_AT(entry, EXPIRY_OFFSET)[0] if entry[1] else None
 
 
 def value_json_of(entry: Entry) -> bytes:
     """The value's JSON text, exactly as stored."""
-    return entry[_START_AT(entry, entry[2])[0] : -1]
+    return entry[_START_AT(entry, 3)[0] : -1]
 
 
 def expiry_json_of(entry: Entry) -> bytes | None:
@@ -97,7 +97,7 @@ def expiry_json_of(entry: Entry) -> bytes | None:
         return None
     h = entry[0]
     start = entry.index(b',"expiry":', h) + _EXPIRY_PREFIX  # no key's JSON holds it unescaped
-    return entry[start : _START_AT(entry, entry[2])[0] - _VALUE_PREFIX]
+    return entry[start : _START_AT(entry, 3)[0] - _VALUE_PREFIX]
 
 
 def value_of(entry: Entry) -> object:

@@ -24,7 +24,7 @@ from dache.engines.disklog import (
     sync_file,
     write_all,
 )
-from dache.entry import EXPIRY_AT, revision_of
+from dache.entry import EXPIRY_AT, EXPIRY_OFFSET, revision_of
 
 RECORD_BYTES = 1 << 20  # the snapshot is written as records of about this size
 CATCH_UP_ROUNDS = 16
@@ -72,7 +72,7 @@ def _write_entries(fd: int, entries: Mapping[str, Any], now: float, abort: threa
     parts: list[bytes] = []
     size = 0
     for key, entry in entries.items():
-        if entry[1] and EXPIRY_AT(entry, entry[2] + 4)[0] <= now:
+        if entry[1] and EXPIRY_AT(entry, EXPIRY_OFFSET)[0] <= now:
             continue  # expired entries are dropped here, as at replay
         # As the cache holds it: replay puts it back without rendering it again.
         part = encode_entry(key.encode("utf-8"), entry, revision_of(entry))

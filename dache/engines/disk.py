@@ -116,7 +116,7 @@ from dache.engines.disklog import (
     sync_file,
     truncate,
 )
-from dache.entry import EXPIRY_AT
+from dache.entry import EXPIRY_AT, EXPIRY_OFFSET
 from dache.errors import StartupError
 
 FSYNC_MODES = ("always", "everysec", "no")
@@ -228,7 +228,7 @@ class DiskEngine:
         load_entry = self.load_entry
 
         def replay_entry(key: str, entry: bytes, revision: int) -> None:
-            if entry[1] and EXPIRY_AT(entry, entry[2] + 4)[0] <= now:
+            if entry[1] and EXPIRY_AT(entry, EXPIRY_OFFSET)[0] <= now:
                 apply(Change.delete(key))
             else:
                 load_entry(key, entry, revision)  # type: ignore[misc]

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 
 from dache.entry import (  # re-exported: the store's users read entries through here
     EXPIRY_AT,
+    EXPIRY_OFFSET,
     Entry,
     body_length_of,
     body_of,
@@ -29,6 +30,7 @@ from dache.store.keyindex import KeyIndex
 
 __all__ = [
     "EXPIRY_AT",
+    "EXPIRY_OFFSET",
     "Cache",
     "Entry",
     "body_length_of",
@@ -141,7 +143,7 @@ class Cache:
         entry = self._entries.get(key)
         if entry is None:
             return None
-        if entry[1] and EXPIRY_AT(entry, entry[2] + 4)[0] <= now:  # expiry_of, inlined
+        if entry[1] and EXPIRY_AT(entry, 7)[0] <= now:  # expiry_of inlined (7: EXPIRY_OFFSET)
             return None
         return entry
 
@@ -186,7 +188,7 @@ class Cache:
             self.revision = revision
         if entry[1]:
             self.with_expiry += 1
-            heapq.heappush(self._expiries, (EXPIRY_AT(entry, entry[2] + 4)[0], key))
+            heapq.heappush(self._expiries, (EXPIRY_AT(entry, EXPIRY_OFFSET)[0], key))
         return entry
 
     def delete(self, key: str) -> bool:
@@ -298,7 +300,9 @@ class Cache:
     def snapshot(self, now: float) -> list[tuple[str, Entry]]:
         """A list of the live (key, entry) pairs at `now`; safe to iterate later."""
         return [
-            (k, e) for k, e in self._entries.items() if not e[1] or EXPIRY_AT(e, e[2] + 4)[0] > now
+            (k, e)
+            for k, e in self._entries.items()
+            if not e[1] or EXPIRY_AT(e, EXPIRY_OFFSET)[0] > now
         ]
 
     def max_revision(self) -> int:

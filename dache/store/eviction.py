@@ -156,7 +156,7 @@ class MemoryBound:
                 entry = entries_get(key)
                 if entry is None:
                     return None
-                if entry[1] and EXPIRY_AT(entry, entry[2] + 4)[0] <= now:
+                if entry[1] and EXPIRY_AT(entry, 7)[0] <= now:  # 7: EXPIRY_OFFSET
                     return None
                 uses[key] = cache.new_use  # the current tick: one store
                 return entry
@@ -171,7 +171,7 @@ class MemoryBound:
             entry = entries_get(key)
             if entry is None:
                 return None
-            if entry[1] and EXPIRY_AT(entry, entry[2] + 4)[0] <= now:
+            if entry[1] and EXPIRY_AT(entry, 7)[0] <= now:  # 7: EXPIRY_OFFSET
                 return None
             use = uses[key]
             period = int(now) // LFU_DECAY_SECONDS

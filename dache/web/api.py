@@ -241,7 +241,7 @@ class DacheAPI:
             if not_modified(request, revision_of(entry)):
                 return b""
         request.setHeader(b"content-type", JSON)
-        request.setHeader(b"etag", entry[3 : entry[2]])  # etag_of and body_of, inlined
+        request.setHeader(b"etag", entry[entry[2] : entry[0]])  # etag_of and body_of, inlined
         return entry[entry[0] :]
 
     def request_body(self, request: IRequest) -> bytes:
