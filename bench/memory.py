@@ -8,23 +8,30 @@ load on the machine hits both alike, CPU time per request, medians:
   read stores the clock tick in the entry;
 - SET at the bound, evicting on every write / SET below it (target >= 0.8);
 
-and the bytes an entry costs beyond its key and value: the RSS growth of a
-child process filling a bare Cache with N entries of 100-byte values, with
-and without an LRU bound's bookkeeping.
+the bytes an entry costs beyond its key and value: the RSS growth of a child
+process filling a bare Cache with N entries of 100-byte values, with and
+without an LRU bound's bookkeeping; and dache against Redis side by side
+(issue 23): RSS per entry and start-up load of 1,000,000 entries, dache's
+disk engine (bench.startup) and Redis on its AOF (bench.peers). Writes
+bench/RESULTS-memory.md (--out: another directory).
 
-    .venv/bin/python -m bench.memory            # 40 blocks, 300,000 entries
-    .venv/bin/python -m bench.memory --quick    # 10 blocks, 100,000 entries
+    .venv/bin/python -m bench.memory            # 40 blocks, 300,000 / 1,000,000 entries
+    .venv/bin/python -m bench.memory --quick    # 10 blocks, 100,000 / 100,000 entries
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 VALUE = b'{"value": "' + b"x" * 98 + b'"}'  # a 100-byte JSON value
 KEYS = 1000
@@ -114,16 +121,49 @@ def per_entry(count: int, policy: str) -> float:
     return float(out[0]) - float(out[1])
 
 
+def peers_table(entries: int) -> list[str]:
+    """dache's disk engine and Redis, each loaded with `entries`: report.py's table."""
+    from bench import peers, report, startup
+
+    with tempfile.TemporaryDirectory(prefix="dache-bench-memory-") as workdir:
+        try:
+            dache = startup.measure("disk", workdir, entries)
+        finally:
+            startup.cleanup()
+        try:
+            redis = peers.measure_redis_startup(workdir, entries)
+        except Exception as e:  # noqa: BLE001 - reported in the table, the rest still written
+            redis = peers.RedisStartup(entries, error=str(e)[-500:])
+    lines = [
+        line.replace("the disk engine's figures from the start-up table below", "the disk engine's")
+        for line in report._memory_markdown([dache], redis)
+    ]
+    overhead = dache.overhead_per_entry
+    redis_overhead = None if redis.bytes_per_entry is None else redis.bytes_per_entry - 108
+    lines.insert(
+        -2,  # after the table's last row, before its closing note
+        f"| overhead per entry beyond key and value, B | {report._fmt(overhead, 0, '')} | "
+        f"{report._fmt(redis_overhead, 0, '')} | "
+        f"{report._fmt(report._over(overhead, redis_overhead))} |",
+    )
+    if dache.error:
+        lines.insert(1, f"dache: error: {dache.error}\n")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--blocks", type=int, default=40)
     parser.add_argument("--entries", type=int, default=300_000)
+    parser.add_argument("--peer-entries", type=int, default=1_000_000)
     parser.add_argument("--quick", action="store_true", help="10 blocks, 100,000 entries")
+    parser.add_argument("--out", default=HERE, help="directory for RESULTS-memory.md")
+    parser.add_argument("--no-peers", action="store_true", help="skip dache against Redis")
     args = parser.parse_args()
     if args.quick:
-        args.blocks, args.entries = 10, 100_000
+        args.blocks, args.entries, args.peer_entries = 10, 100_000, 100_000
+    began = time.monotonic()
     bound = 200 * KEYS  # room for about 500 entries of this size: the fill already evicts
-
     gets = alternate(
         {
             "lru": _connection("allkeys-lru", 1 << 40, "GET"),
@@ -141,22 +181,44 @@ def main() -> None:
         args.blocks,
         1000,
     )
-    print("| scenario | µs/request (CPU, median) | ratio (throughput) | target |")
-    print("|---|---:|---:|---:|")
-    print(f"| GET with allkeys-lru | {gets['lru']:.2f} | | |")
-    print(f"| GET with noeviction | {gets['noeviction']:.2f} | | |")
-    print(f"| GET with allkeys-lfu | {gets['lfu']:.2f} | | |")
-    print(f"| GET LRU / GET noeviction | | {gets['noeviction'] / gets['lru']:.3f} | >= 0.95 |")
-    print(f"| GET LFU / GET noeviction | | {gets['noeviction'] / gets['lfu']:.3f} | |")
-    print(f"| SET at the bound (evicting on every write) | {sets['at the bound']:.2f} | | |")
-    print(f"| SET below the bound | {sets['below it']:.2f} | | |")
+    out: list[str] = []
+    out.append("| scenario | µs/request (CPU, median) | ratio (throughput) | target |")
+    out.append("|---|---:|---:|---:|")
+    out.append(f"| GET with allkeys-lru | {gets['lru']:.2f} | | |")
+    out.append(f"| GET with noeviction | {gets['noeviction']:.2f} | | |")
+    out.append(f"| GET with allkeys-lfu | {gets['lfu']:.2f} | | |")
+    out.append(f"| GET LRU / GET noeviction | | {gets['noeviction'] / gets['lru']:.3f} | >= 0.95 |")
+    out.append(f"| GET LFU / GET noeviction | | {gets['noeviction'] / gets['lfu']:.3f} | |")
+    out.append(f"| SET at the bound (evicting on every write) | {sets['at the bound']:.2f} | | |")
+    out.append(f"| SET below the bound | {sets['below it']:.2f} | | |")
     ratio = sets["below it"] / sets["at the bound"]
-    print(f"| SET at the bound / SET below it | | {ratio:.3f} | >= 0.8 |")
-    print()
-    print(f"| bytes per entry beyond key and value ({args.entries:,} entries, 100 B values) | B |")
-    print("|---|---:|")
+    out.append(f"| SET at the bound / SET below it | | {ratio:.3f} | >= 0.8 |")
+    out.append("")
+    out.append(
+        f"| bytes per entry beyond key and value ({args.entries:,} entries, 100 B values) | B |"
+    )
+    out.append("|---|---:|")
     for policy in ("none", "allkeys-lru", "volatile-lru"):
-        print(f"| Cache, {policy} | {per_entry(args.entries, policy):.0f} |")
+        out.append(f"| Cache, {policy} | {per_entry(args.entries, policy):.0f} |")
+
+    if not args.no_peers:
+        out.append("")
+        out.extend(peers_table(args.peer_entries))
+    command = "python -m bench.memory" + (" --quick" if args.quick else "")
+    head = [
+        "# Memory: what an entry costs, what the bound costs (issues 11, 23)",
+        "",
+        f"`{command}`, run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} in "
+        f"{time.monotonic() - began:.0f} s (load average {os.getloadavg()[0]:.1f} at the end). "
+        "Request figures: CPU time per request served in process by DacheSite, the settings "
+        "alternating block by block; the ratios are the steadiest part.",
+        "",
+    ]
+    text = "\n".join(head + out) + "\n"
+    sys.stdout.write(text)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "RESULTS-memory.md"), "w") as f:
+        f.write(text)
 
 
 if __name__ == "__main__":

@@ -74,6 +74,7 @@ class DacheService(service.Service):
         self.cache = Cache()
         self.bound = MemoryBound(self.cache, config.max_memory, config.eviction_policy)
         self._loading = LoadBound(self.bound, config.max_memory)
+        self._history_bytes = self.bound.reserve_history(config.watch_history_bytes)
         self.engine: Any = None
         self.committer: Committer | None = None
         self.api: DacheAPI | None = None
@@ -123,6 +124,8 @@ class DacheService(service.Service):
         began = time.monotonic()
         gcpolicy.pause()  # see dache.gcpolicy: the load makes no cycles
         try:
+            if hasattr(self.engine, "load_entry"):  # the disk engine's compacted entries
+                self.engine.load_entry = self._load_entry
             yield self.engine.load(self._apply_loaded)
             self.cache.expire(reactor.seconds())
             self._loading.finished()  # over MAX_MEMORY with noeviction: StartupError
@@ -191,6 +194,7 @@ class DacheService(service.Service):
             followed,
             revision=self.committer.revision,
         )
+        self.watchers.feed.history_bytes = self._history_bytes  # within MAX_MEMORY
         if self.metrics is not None:
             self.metrics.watchers = self.watchers
         self.site = DacheSite(
@@ -236,7 +240,12 @@ class DacheService(service.Service):
         else:
             self.cache.delete(change.key)
         if self._loading.active:  # MAX_MEMORY: evict while loading, or refuse to start
-            self._loading.loaded(change)
+            self._loading.loaded(change.key)
+
+    def _load_entry(self, key: str, entry: bytes, revision: int) -> None:
+        self.cache.put(key, entry, revision)
+        if self._loading.active:
+            self._loading.loaded(key)
 
     def _sweep(self) -> None:
         self.cache.expire(self.reactor.seconds())

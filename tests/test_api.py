@@ -5,6 +5,7 @@ import json
 import pytest
 import pytest_twisted
 
+from dache.store.cache import value_of
 from dache.testing import MemoryNode, key_url
 from tests.engines import FailingEngine, HeldEngine
 
@@ -331,7 +332,7 @@ def test_concurrent_writes_to_one_key_end_with_the_last_acknowledged():
     # One order: the engine saw the changes as submitted, and revisions follow it.
     assert [c.value_json for c in reached_engine] == [b"1", None, b"2", b"3", None, b"4"]
     assert [c.revision for c in reached_engine] == list(range(1, 7))
-    assert node.cache.get("k", NOW).value == 4
+    assert value_of(node.cache.get("k", NOW)) == 4
     assert node.committer.batches == 2  # the first alone, the rest grouped
 
 
@@ -344,4 +345,4 @@ def test_a_client_that_goes_away_does_not_stop_its_write():
     d.addErrback(lambda failure: None)  # the client side sees its own cancellation
     engine.release()
     node.http.flush()
-    assert node.cache.get("k", NOW).value == "still written"
+    assert value_of(node.cache.get("k", NOW)) == "still written"

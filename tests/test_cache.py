@@ -1,16 +1,16 @@
 import json
 
 from dache.rendering import render_json
-from dache.store.cache import Cache, Entry
+from dache.store.cache import Cache, body_of, render_entry, revision_of, value_json_of, value_of
 
 
 def test_set_get_delete():
     cache = Cache()
     cache.set("k", b'{"a":1}', revision=3)
     entry = cache.get("k", now=0)
-    assert json.loads(entry.body) == {"key": "k", "value": {"a": 1}}
-    assert entry.value_json == b'{"a":1}'
-    assert entry.revision == 3
+    assert json.loads(body_of(entry)) == {"key": "k", "value": {"a": 1}}
+    assert value_json_of(entry) == b'{"a":1}'
+    assert revision_of(entry) == 3
     assert len(cache) == 1
     assert cache.delete("k") is True
     assert cache.get("k", now=0) is None
@@ -19,9 +19,9 @@ def test_set_get_delete():
 
 
 def test_body_carries_expiry_and_unicode():
-    entry = Entry.render(render_json("clé/ü"), b'"v\xc3\xa9"', 1700000000.5, 1)
-    assert json.loads(entry.body) == {"key": "clé/ü", "expiry": 1700000000.5, "value": "vé"}
-    assert entry.value == "vé"
+    entry = render_entry(render_json("clé/ü"), b'"v\xc3\xa9"', 1700000000.5, 1)
+    assert json.loads(body_of(entry)) == {"key": "clé/ü", "expiry": 1700000000.5, "value": "vé"}
+    assert value_of(entry) == "vé"
 
 
 def test_expired_entry_is_never_served_even_before_the_sweep():
@@ -47,10 +47,10 @@ def test_overwrite_makes_the_old_expiry_stale():
     cache.set("k", b"1", expiry=10.0)
     cache.set("k", b"2", expiry=50.0)  # extended
     assert cache.expire(now=20.0) == 0
-    assert cache.get("k", now=20.0).value == 2
+    assert value_of(cache.get("k", now=20.0)) == 2
     cache.set("k", b"3")  # no expiry at all now
     assert cache.expire(now=100.0) == 0
-    assert cache.get("k", now=100.0).value == 3
+    assert value_of(cache.get("k", now=100.0)) == 3
 
 
 def test_delete_then_set_without_expiry_survives_the_sweep():
@@ -59,7 +59,7 @@ def test_delete_then_set_without_expiry_survives_the_sweep():
     cache.delete("k")
     cache.set("k", b"2")
     assert cache.expire(now=11.0) == 0
-    assert cache.get("k", now=11.0).value == 2
+    assert value_of(cache.get("k", now=11.0)) == 2
 
 
 def test_sweep_is_bounded():

@@ -1,7 +1,7 @@
 from twisted.internet.task import Clock
 
 from dache.engines import Change, EngineUnavailable
-from dache.store.cache import Cache
+from dache.store.cache import Cache, revision_of, value_of
 from dache.store.committer import Committer, ShuttingDown, WriteTimeout
 from tests.engines import HeldEngine
 
@@ -28,7 +28,7 @@ def test_changes_queued_behind_a_write_go_as_one_batch_in_order():
 
     engine.release()
     assert first == [1]
-    assert cache.get("k", 0).value == 1
+    assert value_of(cache.get("k", 0)) == 1
     assert len(engine.writes) == 1
     batch = engine.writes[0][0]
     assert [c.kind for c in batch] == ["set"] * 5 + ["delete", "set"]
@@ -36,7 +36,7 @@ def test_changes_queued_behind_a_write_go_as_one_batch_in_order():
 
     engine.release()
     assert [r[0] for r in later] == list(range(2, 9))  # acknowledged in submission order
-    assert cache.get("k", 0).value == 7  # memory matches the last acknowledged change
+    assert value_of(cache.get("k", 0)) == 7  # memory matches the last acknowledged change
     assert committer.batches == 2 and committer.changes == 8
 
 
@@ -51,12 +51,12 @@ def test_a_failed_batch_is_refused_and_changes_nothing():
     for answer in answers:
         assert answer[0].check(EngineUnavailable)
         assert str(answer[0].value) == "connection refused"
-    assert cache.get("k", 0).value == 1
+    assert value_of(cache.get("k", 0)) == 1
     assert committer.last_error == "connection refused"
 
     ok = results(committer.submit(Change.set("k", b"3")))  # the engine is tried again
     engine.release()
-    assert ok == [4] and cache.get("k", 0).value == 3
+    assert ok == [4] and value_of(cache.get("k", 0)) == 3
     assert committer.last_error is None
 
 
@@ -69,7 +69,7 @@ def test_timeout_answers_503_and_a_late_confirmation_is_still_applied():
     assert "2s" in str(in_flight[0].value)
     # The engine confirms the first write after all: memory must mirror it.
     engine.release()
-    assert cache.get("k", 0).value == 1
+    assert value_of(cache.get("k", 0)) == 1
     # The queued change never reached the engine and never will.
     assert engine.writes == []
     assert not committer.busy
@@ -94,7 +94,7 @@ def test_a_cancelled_request_does_not_cancel_its_write():
     d.addErrback(lambda f: None)
     d.cancel()  # the client went away
     engine.release()
-    assert cache.get("k", 0).value == 1
+    assert value_of(cache.get("k", 0)) == 1
 
 
 def test_drain_waits_for_in_flight_writes_then_refuses_new_ones():
@@ -113,4 +113,4 @@ def test_revisions_continue_from_the_loaded_state():
     committer = Committer(engine, cache, clock, revision=41)
     answer = results(committer.submit(Change.set("k", b"1")))
     engine.release()
-    assert answer == [42] and cache.get("k", 0).revision == 42
+    assert answer == [42] and revision_of(cache.get("k", 0)) == 42

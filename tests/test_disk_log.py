@@ -12,8 +12,10 @@ from dache.engines.disklog import (
     create_log,
     decode_changes,
     encode_change,
+    encode_entry,
     encode_header,
     encode_record,
+    frame,
     scan,
 )
 
@@ -225,3 +227,21 @@ def test_a_wrong_length_checksum_followed_by_zeros_is_corruption(tmp_path):
     path.write_bytes(bytes(damaged))
     result, _ = replayed(path)
     assert not result.problem.torn and result.problem.offset == last
+
+
+def test_an_entry_change_replays_as_the_cache_entry_or_as_a_set(tmp_path):
+    from dache.rendering import render_key
+    from dache.store.cache import render_entry
+
+    path = str(tmp_path / "dache.log")
+    create_log(path)
+    entry = render_entry(render_key("k/é"), b"[1]", 1700000000, 9)  # an integer expiry
+    with open(path, "ab") as log:
+        log.write(frame(encode_entry("k/é".encode(), entry, 9)))
+    given = []
+    result = scan(path, given.append, lambda *loaded: given.append(loaded))
+    assert given == [("k/é", entry, 9)] and result.max_revision == 9
+    given.clear()
+    scan(path, given.append)  # no taker of entries: a set like any other
+    assert given == [Change(SET, "k/é", b"[1]", 1700000000, 9)]
+    assert isinstance(given[0].expiry, int)

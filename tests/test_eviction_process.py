@@ -16,7 +16,7 @@ import pytest
 
 from dache.store.eviction import POLICIES
 
-VALUE = "v" * 1000  # an entry costs about 1.3 KB with its overhead
+VALUE = "v" * 1000  # an entry costs about 1.2 KB with its overhead: 110 fit in 128 KiB
 LIMIT = 256 * 1024
 
 
@@ -128,7 +128,7 @@ def test_start_up_over_the_bound_refuses_with_noeviction_and_evicts_otherwise(
 
     evicting = start(dache_process, env, MAX_MEMORY="128kb", EVICTION_POLICY="allkeys-random")
     kept = present(evicting, keys)
-    assert 50 < len(kept) < 110
+    assert 50 < len(kept) <= 111
     assert memory_used(evicting) <= 128 * 1024
     lines = [line for line in evicting.output().splitlines() if "while loading" in line]
     assert len(lines) == 1 and f"evicted {300 - len(kept)} entries" in lines[0]
@@ -165,6 +165,9 @@ def _rss(pid):
     raise AssertionError("no VmRSS")
 
 
+MIXED_SIZES = (1024, 4 * 1024, 16 * 1024, 60 * 1024)
+
+
 def test_a_64mb_node_filled_with_300mb_stays_up_within_its_bound(dache_process):
     node = start(
         dache_process,
@@ -174,8 +177,10 @@ def test_a_64mb_node_filled_with_300mb_stays_up_within_its_bound(dache_process):
     )
     assert node.set("warm-up", "x") == 204
     baseline = _rss(node.proc.pid)
+    # Mixed sizes, 300 MB of distinct keys: 1 KiB to 60 KiB values in turn.
+    bodies = [json.dumps({"value": "x" * size}).encode() for size in MIXED_SIZES]
+    count = 300 * 1000 * 1000 * len(bodies) // sum(map(len, bodies))
     value = "x" * (60 * 1024)
-    count = 300 * 1000 * 1000 // len(value)  # 300 MB of distinct keys
     errors: list[object] = []
     peak = [0]
 
@@ -183,8 +188,8 @@ def test_a_64mb_node_filled_with_300mb_stays_up_within_its_bound(dache_process):
         import http.client
 
         connection = http.client.HTTPConnection("127.0.0.1", node.port, timeout=30)
-        body = json.dumps({"value": value}).encode()
         for i in range(first, count, 4):
+            body = bodies[i // 4 % len(bodies)]
             connection.request("POST", "/dache/" + quote(f"k{i}"), body)
             response = connection.getresponse()
             response.read()
@@ -202,7 +207,8 @@ def test_a_64mb_node_filled_with_300mb_stays_up_within_its_bound(dache_process):
     assert not errors
     assert node.proc.poll() is None  # still up
     peak[0] = max(peak[0], _rss(node.proc.pid))
-    ceiling = (64 * 1024 * 1024 + baseline) * 1.25
+    ceiling = (64 * 1024 * 1024 + baseline) * 1.15  # the bound (23)
+    print(f"peak RSS {peak[0]}: {peak[0] / (64 * 1024 * 1024 + baseline):.3f}x bound + baseline")
     assert peak[0] < ceiling, f"RSS {peak[0]} over {ceiling} (baseline {baseline})"
     assert memory_used(node) <= 64 * 1024 * 1024
     # It keeps answering reads and writes.
@@ -240,14 +246,24 @@ def _fill(node, keys, value, threads=4):
     assert not errors
 
 
-def test_rss_growth_while_filling_is_the_accounted_bytes_within_20_percent(dache_process):
-    # 100-byte values, as bench/ measures; with 1 KiB ones glibc's heap
-    # fragmentation makes RSS 1.5x (README "Memory and eviction").
+# value size -> (entries written, allowed |RSS growth / accounted - 1|): the
+# issue's bounds (10 % for 100 B values, 20 % for 1 KiB and more); some 20 MB each.
+RSS_FILLS = {100: (40_000, 0.10), 1024: (16_000, 0.20), 4096: (5_000, 0.20), 32768: (640, 0.20)}
+HISTORY = 10_000  # WATCH_HISTORY's default: the watch history holds this many values at most
+
+
+@pytest.mark.parametrize("size", sorted(RSS_FILLS))
+def test_rss_growth_while_filling_is_the_accounted_bytes(dache_process, size):
+    count, tolerance = RSS_FILLS[size]
     node = start(dache_process, {"DURABILITY_ENGINE": "memory"}, MAX_MEMORY="1gb")
-    value = "x" * 98
-    _fill(node, [f"warm-{i:06d}" for i in range(5000)], value)  # the heap's first growth
+    value = "x" * (size - 2)  # its JSON text is `size` bytes
+    # The heap's first growth, and the watch history full (its budget is
+    # counted from the start, its copies of values are made as they come).
+    warm = min(HISTORY, 16 * 1024 * 1024 // size) + 100
+    _fill(node, [f"warm-{i:06d}" for i in range(warm)], value)
     rss_before, used_before = _rss(node.proc.pid), memory_used(node)
-    _fill(node, [f"key-{i:06d}" for i in range(60_000)], value)
+    _fill(node, [f"key-{i:06d}" for i in range(count)], value)
     grown = _rss(node.proc.pid) - rss_before
     accounted = memory_used(node) - used_before
-    assert 0.8 * accounted <= grown <= 1.2 * accounted, (grown, accounted)
+    print(f"{size} B values: RSS grew {grown}, accounted {accounted}: {grown / accounted:.3f}")
+    assert abs(grown / accounted - 1) <= tolerance, (grown, accounted)

@@ -3,7 +3,7 @@
 from twisted.internet.task import Clock
 
 from dache.engines import DELETE, Change
-from dache.store.cache import Cache
+from dache.store.cache import Cache, revision_of, value_of
 from dache.store.committer import Committer
 from dache.store.follow import FollowedCache
 from tests.engines import HeldEngine
@@ -28,7 +28,7 @@ def delete(key, revision):
 
 def served(cache, key):
     entry = cache.get(key, NOW)
-    return None if entry is None else (entry.value, entry.revision)
+    return None if entry is None else (value_of(entry), revision_of(entry))
 
 
 def test_an_older_set_or_delete_never_replaces_a_newer_entry():

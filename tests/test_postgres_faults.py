@@ -15,7 +15,7 @@ from twisted.logger import LogLevel, globalLogPublisher
 
 from dache.engines import Change, EngineUnavailable
 from dache.errors import StartupError
-from dache.store.cache import Cache
+from dache.store.cache import Cache, value_json_of, value_of
 from dache.store.committer import Committer
 from dache.store.follow import FollowedCache
 from tests.postgres import free_port
@@ -70,14 +70,14 @@ def test_writes_fail_fast_while_postgres_is_down_then_resume_on_their_own(
         assert seconds < 0.5  # refused at once, not after a timeout
     with pytest.raises(EngineUnavailable):
         yield committer.submit(Change.set("before", b"changed while down"))
-    assert cache.get("before", reactor.seconds()).value == 1  # a failed write changes nothing
+    assert value_of(cache.get("before", reactor.seconds())) == 1  # a failed write changes nothing
     health = yield engine.check()
     assert not health.ok and health.extra["connections"] == 0
 
     own_postgres.start()
     yield eventually(lambda: engine.available, timeout=10)
     yield committer.submit(Change.set("after", b"2"))
-    assert {k: e.value_json for k, e in cache.items()} == {"before": b"1", "after": b"2"}
+    assert {k: value_json_of(e) for k, e in cache.items()} == {"before": b"1", "after": b"2"}
     assert {k: v for k, (v, _) in own_pg.rows().items()} == {"before": "1", "after": "2"}
     yield eventually(lambda: engine.pool.alive == 2)
     assert logged_errors == []
@@ -146,9 +146,9 @@ def test_a_write_of_unknown_outcome_is_resolved_from_the_table(pg, pg_engine):
     locker.close()
 
     yield eventually(lambda: engine.available)
-    yield eventually(lambda: cache.get("k", reactor.seconds()).value == "elsewhere")
+    yield eventually(lambda: value_of(cache.get("k", reactor.seconds())) == "elsewhere")
     yield committer.submit(Change.set("other", b"3"))
-    assert {k: e.value_json.decode() for k, e in cache.items()} == {
+    assert {k: value_json_of(e).decode() for k, e in cache.items()} == {
         k: v for k, (v, _) in pg.rows().items()
     }
 

@@ -12,7 +12,7 @@ from twisted.internet.defer import gatherResults, inlineCallbacks
 from twisted.internet.task import deferLater
 
 from dache.engines import ANY, Change, PreconditionFailed
-from dache.store.cache import Cache
+from dache.store.cache import Cache, revision_of, value_json_of
 from dache.store.committer import Committer
 from dache.store.follow import FollowedCache
 
@@ -39,7 +39,7 @@ def node(pg_engine, pg, follow=True, **settings):
 
 
 def content(cache):
-    return {k: (e.value_json, e.revision) for k, e in cache.items()}
+    return {k: (value_json_of(e), revision_of(e)) for k, e in cache.items()}
 
 
 def table_content(pg):

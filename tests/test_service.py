@@ -8,6 +8,7 @@ from twisted.web.client import HTTPConnectionPool
 from dache.config import default_config
 from dache.engines import REGISTRY
 from dache.service import DacheService
+from dache.store.cache import value_of
 
 
 @pytest_twisted.inlineCallbacks
@@ -30,7 +31,7 @@ def test_stopping_lets_an_in_flight_write_finish_and_be_acknowledged(monkeypatch
     response = yield response
     assert response.code == 204
     yield stopped
-    assert service.cache.get("k", reactor.seconds()).value == "in flight"
+    assert value_of(service.cache.get("k", reactor.seconds())) == "in flight"
     refused = []  # and new writes are refused from now on
     service.committer.submit(object()).addErrback(refused.append)
     assert "shutting down" in str(refused[0].value)

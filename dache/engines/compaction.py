@@ -17,13 +17,14 @@ from typing import Any
 
 from dache.engines.disklog import (
     copy_range,
+    encode_entry,
     encode_header,
-    encode_set,
     frame,
     remove_if_present,
     sync_file,
     write_all,
 )
+from dache.entry import EXPIRY_AT, EXPIRY_OFFSET, revision_of
 
 RECORD_BYTES = 1 << 20  # the snapshot is written as records of about this size
 CATCH_UP_ROUNDS = 16
@@ -71,10 +72,10 @@ def _write_entries(fd: int, entries: Mapping[str, Any], now: float, abort: threa
     parts: list[bytes] = []
     size = 0
     for key, entry in entries.items():
-        expiry = entry.expiry
-        if expiry is not None and expiry <= now:
+        if entry[1] and EXPIRY_AT(entry, EXPIRY_OFFSET)[0] <= now:
             continue  # expired entries are dropped here, as at replay
-        part = encode_set(key.encode("utf-8"), entry.value_json, expiry, entry.revision)
+        # As the cache holds it: replay puts it back without rendering it again.
+        part = encode_entry(key.encode("utf-8"), entry, revision_of(entry))
         parts.append(part)
         size += len(part)
         kept += 1

@@ -9,14 +9,14 @@ Files in DISK_PATH
     dache.log.compact        a compaction in progress (removed at start-up if left over)
     dache.log.corrupt-<UTC>  a backup kept by `twistd dache --repair`
 
-The log format (version 1)
+The log format (version 2)
 --------------------------
 All integers are big-endian; CRC32C is the Castagnoli CRC (as iSCSI, ext4
 and LevelDB use), computed by the google-crc32c package.
 
     log     := header record*
     header  := "DACHELOG"            8 bytes, magic
-               version      u16      1
+               version      u16      2 (version 1 is read too: the same without "R")
                flags        u16      0
                base_rev     u64      highest revision already assigned when the
                                      file was made (a compaction drops deletes,
@@ -30,10 +30,16 @@ and LevelDB use), computed by the google-crc32c package.
              | "E" rev u64 expiry f64 key_len u32 value_len u32 key value  set, expiry
              | "I" rev u64 expiry i64 key_len u32 value_len u32 key value  set, int expiry
              | "D" rev u64 key_len u32 key                              delete
+             | "R" rev u64 key_len u32 entry_len u32 key entry          set, as held
 
 `key` is UTF-8, `value` the value's JSON text exactly as the API rendered it,
 `expiry` unix seconds ("I" keeps an integer expiry an integer, so a GET after
-a restart renders it as before). A batch is one record, so it is replayed
+a restart renders it as before). "R" is written by compaction only: `entry`
+is the cache's entry exactly as it holds it (dache/entry.py: a header with the
+ETag, the value's offset and the expiry, then the rendered GET body), so the
+replay puts it back with one dict store, rendering nothing (1,000,000 entries:
+about 40 % less CPU than replaying "S" changes); anything else reading the log
+gets it back as a set. A batch is one record, so it is replayed
 whole or not at all. The length has a checksum of its own so that damage to
 it is told apart from a write cut short.
 
@@ -110,6 +116,7 @@ from dache.engines.disklog import (
     sync_file,
     truncate,
 )
+from dache.entry import EXPIRY_AT, EXPIRY_OFFSET
 from dache.errors import StartupError
 
 FSYNC_MODES = ("always", "everysec", "no")
@@ -149,6 +156,10 @@ class DiskEngine:
         self.compact_ratio = compact_ratio
         self.compact_min_bytes = compact_min_bytes
         self.revision = 0  # highest revision in the log; the committer goes on from it
+        # Set by a loader that takes "R" changes (entries as the cache holds them,
+        # written by compaction) as they are: (key, entry, revision); else
+        # load() hands them over as SET Changes.
+        self.load_entry: Callable[[str, bytes, int], None] | None = None
         self.log_bytes = 0  # the log's size past the last batch acknowledged
         self.compactions = 0
         self.write_error: str | None = None
@@ -214,13 +225,21 @@ class DiskEngine:
                 change = Change.delete(change.key)  # expired: never served again
             apply(change)
 
+        load_entry = self.load_entry
+
+        def replay_entry(key: str, entry: bytes, revision: int) -> None:
+            if entry[1] and EXPIRY_AT(entry, EXPIRY_OFFSET)[0] <= now:
+                apply(Change.delete(key))
+            else:
+                load_entry(key, entry, revision)  # type: ignore[misc]
+
         began = time.monotonic()
         # Replay makes millions of objects that all live on: collecting
         # garbage among them as they arrive costs a quarter of the time.
         collecting = gc.isenabled()
         gc.disable()
         try:
-            result = scan(self.path, replay)
+            result = scan(self.path, replay, None if load_entry is None else replay_entry)
         finally:
             if collecting:
                 gc.enable()

@@ -7,6 +7,7 @@ no Twisted: the engine runs LogWriter's methods on its single writer thread.
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 from collections.abc import Callable, Iterable
@@ -15,9 +16,11 @@ from dataclasses import dataclass
 import google_crc32c
 
 from dache.engines import DELETE, SET, Change
+from dache.entry import expiry_json_of, value_json_of
 
 MAGIC = b"DACHELOG"
-VERSION = 1
+VERSION = 2  # what this dache writes: 1 plus "R" changes
+READABLE = (1, 2)
 # magic, version, flags, base revision, CRC32C of the preceding 20 bytes
 HEADER = struct.Struct(">8sHHQI")
 # body length, CRC32C of the 4 length bytes, CRC32C of the body
@@ -28,11 +31,13 @@ SET_PLAIN = ord("S")  # revision u64, key length u32, value length u32, key, val
 SET_FLOAT_EXPIRY = ord("E")  # revision u64, expiry f64, key length u32, value length u32, ...
 SET_INT_EXPIRY = ord("I")  # revision u64, expiry i64, key length u32, value length u32, ...
 DELETE_KEY = ord("D")  # revision u64, key length u32, key
+ENTRY = ord("R")  # revision u64, key length u32, entry length u32, key, the cache's entry
 
 _SET_PLAIN = struct.Struct(">BQII")
 _SET_FLOAT = struct.Struct(">BQdII")
 _SET_INT = struct.Struct(">BQqII")
 _DELETE = struct.Struct(">BQI")
+_ENTRY = struct.Struct(">BQII")
 
 crc32c = google_crc32c.value
 
@@ -67,6 +72,11 @@ def encode_set(key: bytes, value_json: bytes, expiry: float | None, revision: in
     return head + key + value_json
 
 
+def encode_entry(key: bytes, entry: bytes, revision: int) -> bytes:
+    """A set as the cache holds it (dache.store.cache's layout): replayed without rendering."""
+    return _ENTRY.pack(ENTRY, revision, len(key), len(entry)) + key + entry
+
+
 def frame(body: bytes) -> bytes:
     """One record: the frame header, then the body (encoded changes)."""
     if len(body) > MAX_BODY:
@@ -91,18 +101,38 @@ def decode_header(data: bytes) -> int:
         raise LogFormatError("not a dache log (bad magic bytes)")
     if crc != crc32c(data[: HEADER.size - 4]):
         raise LogFormatError("file header checksum mismatch")
-    if version != VERSION:
-        raise LogFormatError(f"log format version {version}; this dache reads version {VERSION}")
+    if version not in READABLE:
+        raise LogFormatError(
+            f"log format version {version}; this dache reads versions 1 to {VERSION}"
+        )
     return base_revision
 
 
-def decode_changes(body: bytes) -> list[Change]:
-    """The changes in one record's body (already checksummed)."""
-    changes = []
+Loaded = tuple[str, bytes, int]  # an "R" change as replay hands it on: key, entry, revision
+
+
+def decode_changes(body: bytes, entries: bool = False) -> list[Change | Loaded]:
+    """
+    The changes in one record's body (already checksummed). An "R" change is
+    a (key, entry, revision) tuple when `entries` is true, else a SET Change.
+    """
+    changes: list[Change | Loaded] = []
     position, end = 0, len(body)
     try:
         while position < end:
             tag = body[position]
+            if tag == ENTRY:
+                _, revision, key_length, entry_length = _ENTRY.unpack_from(body, position)
+                position += _ENTRY.size
+                key = body[position : position + key_length].decode("utf-8")
+                position += key_length
+                entry = body[position : position + entry_length]
+                position += entry_length  # past the end: refused below
+                if entries:
+                    changes.append((key, entry, revision))
+                else:
+                    changes.append(_entry_change(key, entry, revision))
+                continue
             if tag == DELETE_KEY:
                 _, revision, key_length = _DELETE.unpack_from(body, position)
                 position += _DELETE.size
@@ -134,6 +164,12 @@ def decode_changes(body: bytes) -> list[Change]:
     if position != end:
         raise LogFormatError("a change runs past the end of its record")
     return changes
+
+
+def _entry_change(key: str, entry: bytes, revision: int) -> Change:
+    expiry_json = expiry_json_of(entry)  # an integer expiry stays one, as "I" keeps it
+    expiry = None if expiry_json is None else json.loads(expiry_json)
+    return Change(SET, key, value_json_of(entry), expiry, revision)
 
 
 # -- scanning
@@ -190,7 +226,11 @@ def _zero_filled(reason: str, zeros_from: int, size: int) -> str:
     return f"{reason}; zero-filled from offset {zeros_from}"
 
 
-def scan(path: str, on_change: Callable[[Change], None] | None = None) -> ScanResult:
+def scan(
+    path: str,
+    on_change: Callable[[Change], None] | None = None,
+    on_entry: Callable[[str, bytes, int], None] | None = None,
+) -> ScanResult:
     """
     Read the log at `path` from the start, calling on_change for each change of
     each good record, oldest first, and say where (and why) it stops early.
@@ -202,6 +242,9 @@ def scan(path: str, on_change: Callable[[Change], None] | None = None) -> ScanRe
     may fall inside the frame header, just after the length). Any other bad
     record is corruption: garbage with data after it, or a frame header whose
     length checksum fails on bytes that are not a zeroed tail.
+
+    With on_entry, "R" changes go to it as (key, entry, revision), the entry
+    as the cache holds it; without, to on_change as SET Changes.
     """
     with open(path, "rb", buffering=READ_CHUNK) as file:
         size = os.fstat(file.fileno()).st_size
@@ -215,7 +258,7 @@ def scan(path: str, on_change: Callable[[Change], None] | None = None) -> ScanRe
         result = ScanResult(size, HEADER.size, base_revision, base_revision, 0, 0, None)
         offset = HEADER.size
         while offset < size:
-            result.problem = _read_record(file, offset, size, result, on_change)
+            result.problem = _read_record(file, offset, size, result, on_change, on_entry)
             if result.problem is not None:
                 break
             offset = result.good_end
@@ -228,6 +271,7 @@ def _read_record(
     size: int,
     result: ScanResult,
     on_change: Callable[[Change], None] | None,
+    on_entry: Callable[[str, bytes, int], None] | None = None,
 ) -> Problem | None:
     """Read the record at `offset`; on success advance `result`, else say what is wrong."""
     head = file.read(FRAME.size)
@@ -257,14 +301,22 @@ def _read_record(
             reason = _zero_filled(reason, _data_end(file, offset, size), size)
         return Problem(offset, torn, reason)
     try:
-        changes = decode_changes(body)
+        changes = decode_changes(body, on_entry is not None)
     except LogFormatError as e:
         return Problem(offset, False, str(e))
-    if on_change is not None:
-        for change in changes:
-            on_change(change)
+    top = 0
+    for change in changes:
+        if change.__class__ is tuple:
+            on_entry(*change)  # type: ignore[misc]
+            revision = change[2]  # type: ignore[index]
+        else:
+            if on_change is not None:
+                on_change(change)  # type: ignore[arg-type]
+            revision = change.revision  # type: ignore[union-attr]
+        if revision > top:
+            top = revision
     if changes:
-        result.max_revision = max(result.max_revision, max(c.revision for c in changes))
+        result.max_revision = max(result.max_revision, top)
     result.records += 1
     result.changes += len(changes)
     result.good_end = end

@@ -2,93 +2,69 @@
 The in-memory map: entries, their expiry index and size accounting.
 
 Pure: no I/O and no reactor. Callers pass `now` (unix seconds) explicitly, so
-expiry is driven by whatever clock the service injects.
-
-An entry keeps its GET response body pre-rendered, with the value's JSON text
-at its end, so a read is one dict lookup and one write of bytes:
-
-    {"key":<key>,"expiry":<expiry>,"value":<value>}     ("expiry" only if set)
+expiry is driven by whatever clock the service injects. An entry is one bytes
+object, laid out as dache/entry.py says.
 """
 
 from __future__ import annotations
 
 import heapq
-import json
 from collections.abc import Callable, Iterator
 
-from dache.rendering import render_json, render_key
+from dache.entry import (  # re-exported: the store's users read entries through here
+    EXPIRY_AT,
+    EXPIRY_OFFSET,
+    Entry,
+    body_length_of,
+    body_of,
+    etag_of,
+    expiry_json_of,
+    expiry_of,
+    render_entry,
+    revision_of,
+    value_json_of,
+    value_of,
+)
+from dache.rendering import render_key
 from dache.store.keyindex import KeyIndex
 
-_OFFSET_BITS = 32
-_OFFSET_MASK = (1 << _OFFSET_BITS) - 1
+__all__ = [
+    "EXPIRY_AT",
+    "EXPIRY_OFFSET",
+    "Cache",
+    "Entry",
+    "body_length_of",
+    "body_of",
+    "etag_of",
+    "expiry_json_of",
+    "expiry_of",
+    "render_entry",
+    "revision_of",
+    "value_json_of",
+    "value_of",
+]
 
-# What an entry's objects cost beyond its key's and body's characters,
-# measured (CPython 3.11, 64-bit): RSS growth of a process filling a Cache
-# with 300,000 entries, less their keys and bodies, per entry (221 B with
-# 1 KiB and 100 B values, 207 B with 16 B ones: the key's str header and the
-# body's bytes header, the Entry, its packed int, the dict slot, malloc's
-# own header). An expiry adds a float, a tuple and a heap item (+161 B).
-# docs/DESIGN.md "Memory and eviction" says how to measure it again.
-ENTRY_OVERHEAD = 224
-EXPIRY_OVERHEAD = 160
+# What an entry costs beyond its key's characters and its body (the GET
+# body, see dache/entry.py): the key's str header, the entry's bytes header and its own header
+# (ETag, offsets, expiry), the dict slot, malloc's rounding. Measured
+# (CPython 3.11, 64-bit): RSS growth of a process filling a Cache with
+# 300,000 entries, less their keys and bodies, per entry; see docs/DESIGN.md
+# "Memory and eviction" for how to measure it again. An expiry adds its 8
+# bytes here, a float, a tuple and a heap slot in the expiry heap.
+ENTRY_OVERHEAD = 136
+EXPIRY_OVERHEAD = 112
+# Bodies this large get pages of their own under a memory bound (dache.mallocpolicy's
+# MMAP_THRESHOLD): count them rounded up to whole pages, as RSS does.
+MAPPED_BODY = 32 * 1024
+PAGE = 4096
+_MAPPED_HEADERS = 64  # the bytes object's and the entry's headers, malloc's own
 
 
-class Entry:
-    """
-    One live key: its pre-rendered body, expiry and revision.
-
-    Three slots, not five, because a cache holds millions of these: an object
-    with three slots takes 64 bytes (with the collector's header). The revision
-    and the value's offset in the body share one int (revision << 32 | offset);
-    an entry with an expiry holds (expiry, that int). `use` is the eviction
-    policy's one small int (dache.store.eviction): the LRU clock tick of its
-    last use, or the LFU (period << 8 | counter); always a shared int object,
-    so a read that stores it allocates nothing.
-    """
-
-    __slots__ = ("body", "_meta", "use")
-
-    def __init__(
-        self, body: bytes, value_offset: int, expiry: float | None, revision: int, use: int = 0
-    ):
-        self.body = body
-        packed = revision << _OFFSET_BITS | value_offset
-        self._meta: int | tuple[float, int] = packed if expiry is None else (expiry, packed)
-        self.use = use
-
-    @property
-    def expiry(self) -> float | None:
-        meta = self._meta
-        return meta[0] if meta.__class__ is tuple else None  # type: ignore[index]
-
-    @property
-    def revision(self) -> int:
-        meta = self._meta
-        return (meta[1] if meta.__class__ is tuple else meta) >> _OFFSET_BITS  # type: ignore
-
-    @property
-    def value_offset(self) -> int:
-        meta = self._meta
-        return (meta[1] if meta.__class__ is tuple else meta) & _OFFSET_MASK  # type: ignore
-
-    @property
-    def value_json(self) -> bytes:
-        """The value's JSON text, exactly as stored."""
-        return self.body[self.value_offset : -1]
-
-    @property
-    def value(self) -> object:
-        return json.loads(self.value_json)
-
-    @classmethod
-    def render(
-        cls, key_json: bytes, value_json: bytes, expiry: float | None, revision: int
-    ) -> Entry:
-        if expiry is None:  # one formatting, no intermediate bytes
-            body = b'{"key":%b,"value":%b}' % (key_json, value_json)
-            return cls(body, len(key_json) + 16, None, revision)  # 16: {"key": ,"value":
-        head = b'{"key":%b,"expiry":%b,"value":' % (key_json, render_json(expiry))
-        return cls(head + value_json + b"}", len(head), expiry, revision)
+def held(body_length: int) -> int:
+    """The bytes a body of this length holds: itself, or its whole pages once mapped."""
+    if body_length < MAPPED_BODY:
+        return body_length
+    return -(-(body_length + _MAPPED_HEADERS) // PAGE) * PAGE - _MAPPED_HEADERS
 
 
 class Cache:
@@ -104,13 +80,15 @@ class Cache:
         self._expiries: list[tuple[float, str]] = []
         self.bytes = 0  # approximate: keys + bodies
         self.with_expiry = 0  # entries that have an expiry (they cost more: see `used`)
-        # The `use` a new or rewritten entry starts with; the eviction policy
-        # keeps it current (dache.store.eviction.Tracker).
+        # key -> the eviction policy's one small int per key (dache.store.eviction),
+        # kept only under an LRU / LFU policy (None: not kept); every set stores
+        # `new_use`, which the policy keeps current.
+        self.uses: dict[str, int] | None = None
         self.new_use = 0
         # Keys to sample from for allkeys-* eviction (dache.store.eviction):
         # appended when a key is new, removed lazily when sampled. None: not kept.
         self.sample_keys: list[str] | None = None
-        self.entry_overhead = ENTRY_OVERHEAD  # + a list slot while sample_keys is kept
+        self.entry_overhead = ENTRY_OVERHEAD  # + the policy's bookkeeping per key
         self.expired_total = 0  # entries removed because they expired
         # key -> revision of its latest delete, kept only while changes can
         # still arrive out of order (see remember_deletes); None: not kept.
@@ -122,6 +100,10 @@ class Cache:
         # set() and delete() keep it in step, so every mutation path does.
         self._index: KeyIndex | None = None
         self.revision = 0  # the highest revision applied
+        # Bytes kept in `used` for copies of recent values held outside this map,
+        # so that MAX_MEMORY bounds them too: the watch history's budget
+        # (MemoryBound.reserve_history).
+        self.reserved = 0
 
     def index(self) -> KeyIndex:
         """The sorted key index, built (one sort) the first time it is asked for."""
@@ -145,23 +127,23 @@ class Cache:
             self.bytes
             + self.entry_overhead * len(self._entries)
             + EXPIRY_OVERHEAD * self.with_expiry
+            + self.reserved
         )
 
     def cost(self, key: str, body_length: int, has_expiry: bool) -> int:
         """What one entry adds to `used` (the committer's projection before a write)."""
         extra = self.entry_overhead + (EXPIRY_OVERHEAD if has_expiry else 0)
-        return len(key) + body_length + extra
+        return len(key) + held(body_length) + extra
 
     def entry_cost(self, key: str, entry: Entry) -> int:
-        return self.cost(key, len(entry.body), entry._meta.__class__ is tuple)
+        return self.cost(key, len(entry) - entry[0], entry[1] == 1)
 
     def get(self, key: str, now: float) -> Entry | None:
         """The live entry for key at `now`, or None (missing or expired)."""
         entry = self._entries.get(key)
         if entry is None:
             return None
-        meta = entry._meta  # Entry.expiry, inlined: this is every GET
-        if meta.__class__ is tuple and meta[0] <= now:  # type: ignore[index]
+        if entry[1] and EXPIRY_AT(entry, 7)[0] <= now:  # expiry_of inlined (7: EXPIRY_OFFSET)
             return None
         return entry
 
@@ -179,42 +161,47 @@ class Cache:
     ) -> Entry:
         if key_json is None:
             key_json = render_key(key)
-        if expiry is None:  # Entry.render, inlined: a million of these at start-up
-            body = b'{"key":%b,"value":%b}' % (key_json, value_json)
-            entry = Entry(body, len(key_json) + 16, None, revision, self.new_use)
-        else:
-            entry = Entry.render(key_json, value_json, expiry, revision)
-            entry.use = self.new_use
-            self.with_expiry += 1
+        return self.put(key, render_entry(key_json, value_json, expiry, revision), revision)
+
+    def put(self, key: str, entry: Entry, revision: int) -> Entry:
+        """Set key to an entry already rendered (set(), and the disk engine's replay)."""
         entries = self._entries
         old = entries.get(key)
         entries[key] = entry
         # One update of the byte count: a million of these at start-up.
+        length = len(entry) - entry[0]
+        if length >= MAPPED_BODY:
+            length = held(length)
         if old is None:
-            self.bytes += len(key) + len(entry.body)
+            self.bytes += len(key) + length
             if self._index is not None:
                 self._index.add(key)
             if self.sample_keys is not None:
                 self.sample_keys.append(key)
         else:
-            self.bytes += len(entry.body) - len(old.body)
-            if old._meta.__class__ is tuple:
+            self.bytes += length - held(len(old) - old[0])
+            if old[1]:
                 self.with_expiry -= 1
+        if self.uses is not None:
+            self.uses[key] = self.new_use
         if revision > self.revision:
             self.revision = revision
-        if expiry is not None:
-            heapq.heappush(self._expiries, (expiry, key))
+        if entry[1]:
+            self.with_expiry += 1
+            heapq.heappush(self._expiries, (EXPIRY_AT(entry, EXPIRY_OFFSET)[0], key))
         return entry
 
     def delete(self, key: str) -> bool:
         old = self._entries.pop(key, None)
         if old is None:
             return False
-        self.bytes -= len(old.body) + len(key)
-        if old._meta.__class__ is tuple:
+        self.bytes -= held(len(old) - old[0]) + len(key)
+        if old[1]:
             self.with_expiry -= 1
         if self._index is not None:
             self._index.discard(key)
+        if self.uses is not None:
+            del self.uses[key]
         return True
 
     # -- changes that may arrive out of revision order (several nodes)
@@ -228,7 +215,7 @@ class Cache:
         the new entry, or None when the change was older and left out.
         """
         old = self._entries.get(key)
-        if old is not None and old.revision > revision:
+        if old is not None and revision_of(old) > revision:
             return None
         if self._deleted is not None:
             deleted_at = self._deleted.get(key)
@@ -241,7 +228,7 @@ class Cache:
     def apply_delete(self, key: str, revision: int) -> bool:
         """Delete, unless the entry held is of a higher revision; False when left out."""
         old = self._entries.get(key)
-        if old is not None and old.revision > revision:
+        if old is not None and revision_of(old) > revision:
             return False
         if revision > self.revision:
             self.revision = revision
@@ -282,7 +269,7 @@ class Cache:
         while heap and heap[0][0] <= now and removed < limit:
             expiry, key = heapq.heappop(heap)
             entry = self._entries.get(key)
-            if entry is not None and entry.expiry == expiry:
+            if entry is not None and expiry_of(entry) == expiry:
                 self.delete(key)
                 removed += 1
                 if self.on_expire is not None:
@@ -295,7 +282,7 @@ class Cache:
         return removed
 
     def _rebuild_heap(self) -> None:
-        self._expiries = [(e.expiry, k) for k, e in self._entries.items() if e.expiry is not None]
+        self._expiries = [(expiry_of(e), k) for k, e in self._entries.items() if e[1]]  # type: ignore[misc]
         heapq.heapify(self._expiries)
 
     def items(self) -> Iterator[tuple[str, Entry]]:
@@ -312,7 +299,11 @@ class Cache:
 
     def snapshot(self, now: float) -> list[tuple[str, Entry]]:
         """A list of the live (key, entry) pairs at `now`; safe to iterate later."""
-        return [(k, e) for k, e in self._entries.items() if e.expiry is None or e.expiry > now]
+        return [
+            (k, e)
+            for k, e in self._entries.items()
+            if not e[1] or EXPIRY_AT(e, EXPIRY_OFFSET)[0] > now
+        ]
 
     def max_revision(self) -> int:
-        return max((e.revision for e in self._entries.values()), default=0)
+        return max((revision_of(e) for e in self._entries.values()), default=0)

@@ -40,6 +40,7 @@ from typing import Any
 
 from dache.engines import SET, Change
 from dache.rendering import render_json, render_key
+from dache.store.cache import revision_of
 
 EVENT_SET = "set"
 EVENT_DELETE = "delete"
@@ -283,6 +284,6 @@ def publish_expiries(feed: ChangeFeed) -> Callable[[str, Any], None]:
     """The cache's on_expire hook: report each swept entry to the feed."""
 
     def expired(key: str, entry: Any) -> None:
-        feed.expired(key, entry.revision)
+        feed.expired(key, revision_of(entry))
 
     return expired

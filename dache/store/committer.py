@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 
 from dache.engines import DELETE, GET, SET, Change, Engine, EngineUnavailable, PreconditionFailed
 from dache.engines.decide import Group, State, decide
-from dache.store.cache import Cache
+from dache.store.cache import Cache, expiry_of, revision_of, value_json_of
 from dache.store.eviction import MemoryBound
 
 SHUTTING_DOWN = "dache is shutting down; retry on another node"
@@ -248,7 +248,9 @@ class Committer:
 
     def _state(self, key: str) -> State:
         entry = self.cache.get(key, self.clock.seconds())
-        return None if entry is None else (entry.value_json, entry.expiry, entry.revision)
+        if entry is None:
+            return None
+        return value_json_of(entry), expiry_of(entry), revision_of(entry)
 
     def _written(self, _: object, batch: _Batch, started: float) -> None:
         self._stop_timer(batch)

@@ -17,9 +17,10 @@ engine, the committer asks MemoryBound.admit() to fit it under the limit:
   is refused and evicts nothing.
 
 Victims are chosen the way Redis does it (evict.c): sample a few random
-keys, evict the best of them by the policy, repeat. The per-entry state is
-one small int, Entry.use, always a shared int object so storing it on a read
-allocates nothing:
+keys, evict the best of them by the policy, repeat. The per-key state is
+one small int in Cache.uses (kept only under an LRU / LFU policy: a dict slot
+per key), always a shared int object so storing it on a read allocates
+nothing:
 
 - LRU: a logical clock that ticks once per write batch. A read stores the
   current tick; the sample's smallest tick is the least recently used.
@@ -41,7 +42,7 @@ from twisted.python.failure import Failure
 from dache.engines import DELETE, SET, Change
 from dache.errors import StartupError
 from dache.rendering import render_json, render_key
-from dache.store.cache import ENTRY_OVERHEAD, Cache, Entry
+from dache.store.cache import ENTRY_OVERHEAD, EXPIRY_AT, Cache, Entry, expiry_of
 
 POLICIES = (
     "noeviction",
@@ -56,6 +57,8 @@ POLICIES = (
 SAMPLES = 8  # keys sampled per victim (Redis: maxmemory-samples 5, with a pool of 16)
 GIVE_UP_AFTER = 64  # samples in a row that found no candidate
 SAMPLE_SLOT = 8  # allkeys-*: a key's pointer in Cache.sample_keys
+USE_SLOT = 26  # LRU / LFU: a key's slot in Cache.uses (measured like ENTRY_OVERHEAD)
+HISTORY_SHARE = 8  # the watch history may take up to 1/8 of MAX_MEMORY
 LFU_INIT = 5  # a new key's counter (Redis's LFU_INIT_VAL)
 LFU_LOG_FACTOR = 10
 LFU_DECAY_SECONDS = 60
@@ -80,7 +83,7 @@ class _Evicted:
 
 def _stale(item: tuple[float, str], entries_get: Callable[[str], Entry | None]) -> bool:
     entry = entries_get(item[1])
-    return entry is None or entry.expiry != item[0]
+    return entry is None or expiry_of(entry) != item[0]
 
 
 def body_length(key_json_length: int, value_length: int, expiry_json_length: int | None) -> int:
@@ -116,11 +119,26 @@ class MemoryBound:
         self._waiter = _Evicted(self)
         self._lfu_period = -1
         self._lfu_ints: list[int] = []
+        overhead = ENTRY_OVERHEAD
         if limit and self.kind in ("lru", "lfu"):
+            cache.uses = dict.fromkeys(cache._entries, cache.new_use)
+            overhead += USE_SLOT
             self._install_reads()
         if limit and self.evicts and not self.volatile:
             cache.sample_keys = list(cache._entries)
-            cache.entry_overhead = ENTRY_OVERHEAD + SAMPLE_SLOT
+            overhead += SAMPLE_SLOT
+        cache.entry_overhead = overhead
+
+    def reserve_history(self, history_bytes: int) -> int:
+        """
+        Keep the watch history's budget (WATCH_HISTORY_BYTES: it holds a copy of
+        each recent value) within MAX_MEMORY, at most an eighth of it so the
+        entries keep the rest. Answers the history's byte bound to use.
+        """
+        if not self.limit:
+            return history_bytes
+        self.cache.reserved = min(history_bytes, self.limit // HISTORY_SHARE)
+        return self.cache.reserved
 
     @property
     def evicts(self) -> bool:
@@ -131,16 +149,16 @@ class MemoryBound:
     def _install_reads(self) -> None:
         cache = self.cache
         entries_get = cache._entries.get
+        uses: dict[str, int] = cache.uses  # type: ignore[assignment]
         if self.kind == "lru":
 
             def get_lru(key: str, now: float) -> Entry | None:
                 entry = entries_get(key)
                 if entry is None:
                     return None
-                meta = entry._meta
-                if meta.__class__ is tuple and meta[0] <= now:  # type: ignore[index]
+                if entry[1] and EXPIRY_AT(entry, 7)[0] <= now:  # 7: EXPIRY_OFFSET
                     return None
-                entry.use = cache.new_use  # the current tick: one store
+                uses[key] = cache.new_use  # the current tick: one store
                 return entry
 
             cache.get = get_lru  # type: ignore[method-assign]
@@ -153,10 +171,9 @@ class MemoryBound:
             entry = entries_get(key)
             if entry is None:
                 return None
-            meta = entry._meta
-            if meta.__class__ is tuple and meta[0] <= now:  # type: ignore[index]
+            if entry[1] and EXPIRY_AT(entry, 7)[0] <= now:  # 7: EXPIRY_OFFSET
                 return None
-            use = entry.use
+            use = uses[key]
             period = int(now) // LFU_DECAY_SECONDS
             if use >> 8 == period:  # used this period already: no decay to apply
                 counter = use & 255
@@ -164,12 +181,12 @@ class MemoryBound:
                 if period != bound._lfu_period:
                     bound._new_period(period)
                 counter = bound.counter(use, period)
-                entry.use = ints[counter]
+                uses[key] = ints[counter]
             # Redis's LFULogIncr: certain up to LFU_INIT, then ever less likely.
             if counter < 255 and (
                 counter <= LFU_INIT or chance() * ((counter - LFU_INIT) * LFU_LOG_FACTOR + 1) < 1
             ):
-                entry.use = ints[counter + 1]
+                uses[key] = ints[counter + 1]
             return entry
 
         cache.get = get_lfu  # type: ignore[method-assign]
@@ -213,14 +230,14 @@ class MemoryBound:
                     heapq.heappop(heap)
                 for expiry, key in heap[: 2 * self.samples]:
                     entry = entries_get(key)
-                    if entry is not None and entry.expiry == expiry:
+                    if entry is not None and expiry_of(entry) == expiry:
                         found.append((key, entry))
                 return found
             if heap:
                 for _ in range(self.samples):
                     expiry, key = heap[int(rand() * len(heap))]
                     entry = entries_get(key)
-                    if entry is not None and entry.expiry == expiry:
+                    if entry is not None and expiry_of(entry) == expiry:
                         found.append((key, entry))
             return found
         keys = cache.sample_keys
@@ -239,15 +256,15 @@ class MemoryBound:
             found.append((key, entry))
         return found
 
-    def _score(self, entry: Entry) -> float:
+    def _score(self, key: str, entry: Entry) -> float:
         """Lower is evicted first."""
         kind = self.kind
         if kind == "lru":
-            return entry.use
+            return self.cache.uses[key]  # type: ignore[index]
         if kind == "lfu":
-            return self.counter(entry.use, self._lfu_period)
+            return self.counter(self.cache.uses[key], self._lfu_period)  # type: ignore[index]
         if kind == "ttl":
-            return entry.expiry  # type: ignore[return-value]
+            return expiry_of(entry)  # type: ignore[return-value]
         return 0.0  # random: the first sampled
 
     def make_room(self, needed: int, protected: Callable[[str], bool]) -> list[tuple[str, int]]:
@@ -273,7 +290,7 @@ class MemoryBound:
                 if random_pick:
                     best = key, entry
                     break
-                score = score_of(entry)
+                score = score_of(key, entry)
                 if best is None or score < best_score:
                     best, best_score = (key, entry), score
             if best is None:
@@ -435,9 +452,10 @@ class LoadBound:
         self.active = bool(limit)
         self.evicted: set[str] = set()  # evicted keys the engine still holds
 
-    def loaded(self, change: Any) -> None:
+    def loaded(self, key: str) -> None:
+        """A key the load just set or deleted."""
         bound, cache = self.bound, self.bound.cache
-        self.evicted.discard(change.key)  # set again or deleted by a later record
+        self.evicted.discard(key)  # set again or deleted by a later record
         used = cache.used
         if used <= self.limit:
             return
@@ -447,7 +465,6 @@ class LoadBound:
             if used > 2 * self.limit:
                 self.refuse()
             return
-        key = change.key
         room = bound.make_room(used - self.limit, lambda k: k == key)
         if not room:
             self.refuse()

@@ -25,7 +25,7 @@ from __future__ import annotations
 from typing import Any
 
 from dache.engines import SET, Change
-from dache.store.cache import Cache
+from dache.store.cache import Cache, revision_of
 
 
 class FollowedCache:
@@ -93,7 +93,7 @@ class Reload:
         entries were dropped.
         """
         cache, seen = self.followed.cache, self.seen
-        gone = [k for k, e in cache.items() if k not in seen and e.revision <= through]
+        gone = [k for k, e in cache.items() if k not in seen and revision_of(e) <= through]
         for key in gone:
             cache.delete(key)
         if self.feed is not None:

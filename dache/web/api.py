@@ -39,7 +39,7 @@ from twisted.web.resource import Resource
 
 from dache.engines import ANY, Change, EngineUnavailable, PreconditionFailed
 from dache.rendering import render_json
-from dache.store.cache import Cache
+from dache.store.cache import Cache, revision_of
 from dache.store.committer import Committer
 from dache.store.eviction import OutOfMemory
 from dache.web import twisted_private
@@ -243,11 +243,12 @@ class DacheAPI:
         if twisted_private.header_values(request, b"If-None-Match") is not None:
             from dache.web.keyspace import not_modified  # (it builds on this module)
 
-            if not_modified(request, entry.revision):
+            if not_modified(request, revision_of(entry)):
                 return b""
         twisted_private.set_header(request, CONTENT_TYPE, JSON)
-        twisted_private.set_header(request, ETAG, etag(entry.revision))
-        return entry.body
+        # etag_of and body_of, inlined
+        twisted_private.set_header(request, ETAG, entry[entry[2] : entry[0]])
+        return entry[entry[0] :]
 
     def request_body(self, request: IRequest) -> bytes:
         """The request's body; 413 past MAX_VALUE_BYTES."""

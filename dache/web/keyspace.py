@@ -24,7 +24,7 @@ from dache.engines import DELETE, GET, Change, PreconditionFailed
 from dache.engines.decide import Group, KeyAbsent, NotANumber
 from dache.rendering import render_json, render_key
 from dache.store import listing
-from dache.store.cache import Entry
+from dache.store.cache import Entry, body_of, render_entry, revision_of
 from dache.web.answer import JSON, error
 from dache.web.api import DacheAPI, apply_preconditions, etag, parse_etags
 from dache.web.ops import (
@@ -48,11 +48,11 @@ def _json(request: IRequest, body: bytes, status: int = 200) -> bytes:
 
 def listed(entry: Entry) -> bytes:
     """An entry with its revision: its pre-rendered body with "revision" in front."""
-    return b'{"revision":%d,%b' % (entry.revision, entry.body[1:])
+    return b'{"revision":%d,%b' % (revision_of(entry), entry[entry[0] + 1 :])
 
 
 def rendered(key: str, value_json: bytes, expiry: float | None, revision: int) -> bytes:
-    return listed(Entry.render(render_key(key), value_json, expiry, revision))
+    return listed(render_entry(render_key(key), value_json, expiry, revision))
 
 
 # -- GET /dache
@@ -70,7 +70,7 @@ def list_keys(api: DacheAPI, request: IRequest) -> Any:
     if query.values:
         entries = [listed(entry) for _, entry in found]
     else:
-        entries = [b'{"key":%b,"revision":%d}' % (render_key(k), e.revision) for k, e in found]
+        entries = [b'{"key":%b,"revision":%d}' % (render_key(k), revision_of(e)) for k, e in found]
     return _json(
         request,
         b'{"entries":[%b],"next":%b,"revision":%d}'
@@ -167,7 +167,7 @@ def _patched(revision: int, change: Change, request: IRequest) -> bytes:
         request.setResponseCode(204)
         return b""
     assert change.value_json is not None
-    body = Entry.render(render_key(change.key), change.value_json, change.expiry, revision).body
+    body = body_of(render_entry(render_key(change.key), change.value_json, change.expiry, revision))
     return _json(request, body)
 
 

@@ -38,10 +38,9 @@ from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
 from dache.rendering import render_json
-from dache.store.cache import Cache
+from dache.store.cache import Cache, body_of, etag_of, revision_of
 from dache.store.changes import EVENT_EXPIRE, ChangeFeed, Event, publish_expiries
 from dache.web.answer import JSON, APIError, error_body
-from dache.web.api import etag
 from dache.web.fanout import Fanouts, chunk
 
 EVENT_STREAM = b"text/event-stream"
@@ -186,7 +185,7 @@ class Watchers:
             raise APIError(400, f"wait must be a number of seconds from 0 to {MAX_WAIT:g}")
         known = _revision(_arg(request, b"revision"), "revision")
         entry = self.cache.get(key, self.clock.seconds())
-        current = None if entry is None else entry.revision
+        current = None if entry is None else revision_of(entry)
         if known is None:  # no revision: wait for the next change
             known = current or 0
         if (current is not None and current > known) or (current is None and known > 0):
@@ -220,8 +219,8 @@ def answer_entry(cache: Cache, clock: Any, request: IRequest, key: str) -> bytes
     if entry is None:
         request.setResponseCode(404)
         return error_body("key not found")
-    request.setHeader(b"etag", etag(entry.revision))
-    return entry.body
+    request.setHeader(b"etag", etag_of(entry))
+    return body_of(entry)
 
 
 def _count_as_watcher(request: IRequest) -> Any:
