@@ -157,6 +157,16 @@ class Reconnector(DeadConnectionDetector):
         self._timer = None
 
 
+def one_per_host(conninfo: dict[str, Any]) -> list[dict[str, Any]]:
+    """A conninfo per host of a multi-host one (`host=a,b port=p1,p2`), in order."""
+    hosts = str(conninfo.get("host", "")).split(",")
+    if len(hosts) == 1:
+        return [conninfo]
+    ports = str(conninfo.get("port", "")).split(",")
+    ports = ports * len(hosts) if len(ports) == 1 else ports
+    return [{**conninfo, "host": h, "port": p} for h, p in zip(hosts, ports, strict=True)]
+
+
 class PooledConnection(txpostgres.Connection):
     """A txpostgres Connection whose death goes to its detector, never to the log."""
 
@@ -182,6 +192,40 @@ class PooledConnection(txpostgres.Connection):
         )
 
     def connect(self, *args: Any, **kwargs: Any) -> Deferred[Any]:
+        places = one_per_host(kwargs)
+        if len(places) == 1:
+            return self._connect_one(*args, **kwargs)
+        return self._connect_first(args, kwargs, places)
+
+    @inlineCallbacks
+    def _connect_first(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], places: list[dict[str, Any]]
+    ) -> Any:
+        """
+        Several hosts (a primary and its standbys): each in turn, the first that
+        takes us (with target_session_attrs=read-write: that accepts writes).
+        libpq could do this itself, but an asynchronous multi-host connection
+        moves to a new socket for each host, under the reactor's registration.
+        """
+        failures = []
+        for place in places:
+            if self._connection is not None and failures:
+                try:  # the previous host's failed connection (as the detector does)
+                    self.close()
+                except Exception:  # noqa: BLE001, S110 - it may be half open: nothing to undo
+                    pass
+            try:
+                result = yield self._connect_one(*args, **place)
+            except Exception as e:  # noqa: BLE001 - the next host, then the failures named
+                failures.append(f"{place['host']}:{place['port']}: {describe(e)}")
+                continue
+            finally:
+                # A reconnect starts from the first host again.
+                self.detector.setReconnectable(self, *args, **kwargs)
+            return result
+        raise psycopg2.OperationalError("; ".join(failures))
+
+    def _connect_one(self, *args: Any, **kwargs: Any) -> Deferred[Any]:
         d = super().connect(*args, **kwargs)
         if d.called:
             return d

@@ -87,8 +87,8 @@ UNREACHABLE = "PostgreSQL is unreachable (dache is reconnecting); the write was 
 
 @dataclass(frozen=True)
 class PostgresSettings:
-    host: str
-    port: int
+    host: str  # one, or several comma-separated (a primary and its standbys)
+    port: int | str  # one, or one per host
     database: str
     user: str
     password: str | None = field(default=None, repr=False)
@@ -102,12 +102,20 @@ class PostgresSettings:
     @property
     def where(self) -> str:
         """Where we connect, for logs: never the password."""
-        return f"{self.user}@{self.host}:{self.port}/{self.database}"
+        hosts, ports = self.hosts()
+        places = ",".join(f"{host}:{port}" for host, port in zip(hosts, ports, strict=True))
+        return f"{self.user}@{places}/{self.database}"
+
+    def hosts(self) -> tuple[list[str], list[str]]:
+        """The hosts, and a port for each."""
+        hosts = self.host.split(",")
+        ports = str(self.port).split(",")
+        return hosts, ports * len(hosts) if len(ports) == 1 else ports
 
     def conninfo(self) -> dict[str, Any]:
         info: dict[str, Any] = {
             "host": self.host,
-            "port": self.port,
+            "port": str(self.port),
             "dbname": self.database,
             "user": self.user,
             "application_name": "dache",
@@ -121,6 +129,10 @@ class PostgresSettings:
         }
         if psycopg2.extensions.libpq_version() >= 120000:
             info["tcp_user_timeout"] = 15_000  # ms an unacknowledged send may wait
+        if "," in self.host:
+            # A primary and its standbys: libpq tries each in turn and keeps the one
+            # that accepts writes, so after a failover a reconnect finds the new primary.
+            info["target_session_attrs"] = "read-write"
         if self.password is not None:
             info["password"] = self.password
         if self.sslmode is not None:
@@ -137,6 +149,12 @@ def settings_from_config(config: Any) -> PostgresSettings:
     ):
         if not getattr(config, setting.lower(), None):
             raise ConfigError(f"{setting} is required for the postgres engine (or {option})")
+    hosts, ports = config.postgres_host.split(","), str(config.postgres_port).split(",")
+    if len(ports) not in (1, len(hosts)):
+        raise ConfigError(
+            f"POSTGRES_PORT has {len(ports)} ports for {len(hosts)} POSTGRES_HOST hosts: "
+            "give one port, or one per host"
+        )
     password = config.postgres_password
     if config.postgres_password_file:
         if password:
