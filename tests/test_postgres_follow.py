@@ -1,8 +1,8 @@
 """
 Several PostgreSQL engines on one table, in-process on the real reactor: row
-locks per key, the watermark, preconditions decided in the transaction,
-following, the upgrade
-of a table of the previous version, and the purge that one node does.
+locks per key, the watermark, preconditions and range deletes decided in the
+transaction, following, the upgrade of a table of an earlier version, and the
+purge that one node does.
 """
 
 import time
@@ -281,3 +281,20 @@ def test_a_range_delete_also_takes_the_keys_this_node_has_not_followed(pg, pg_en
     assert group.extra == 1
     assert sorted(table_content(pg)) == ["rx4", "s1"]
     yield eventually(lambda: sorted(content(a_cache)) == ["rx4", "s1"])
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_group_rejected_as_a_whole_beside_a_write_reports_no_made_up_revision(pg, pg_engine):
+    _, _, committer = yield node(pg_engine, pg)
+    yield committer.submit(Change.set("b", b"0"))
+    group = Group(
+        [Change.set("a1", b"1"), Change.set("a2", b"1"), Change("set", "b", b"2", if_match=(99,))]
+    )
+    plain = committer.submit(Change.set("c", b"1"))  # queued with the group: one batch
+    failed = committer.submit_group(group)
+    failed.addErrback(lambda _: "rejected")
+    assert (yield failed) == "rejected"
+    assert group.failed == [2]
+    assert group.changes[2].revision == 1  # the key's current revision
+    assert (yield plain) == 2
+    assert sorted(table_content(pg)) == ["b", "c"]

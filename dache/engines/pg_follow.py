@@ -60,6 +60,9 @@ from dache.engines.pg_pool import CONNECTION_ERRORS, ReconnectingPool, describe
 from dache.engines.pg_schema import TableSQL
 
 POLL_INTERVAL = 5.0  # seconds between catch-ups when no notification comes
+# After this node's own write, the catch-up that moves the watermark past it
+# waits this long, so that under load one serves several writes.
+OWN_WRITE_DELAY = 0.005
 CHUNK = 5_000  # changes per catch-up statement
 FOLLOWER_APPLICATION = "dache-follower"  # its application_name in pg_stat_activity
 
@@ -169,6 +172,7 @@ class TableFollower:
         self._busy = False
         self._waiting: list[Deferred[None]] = []
         self._poller: LoopingCall | None = None
+        self._own_wake: Any = None  # the pending wake-up after own writes
         self._failing = False
 
     # -- lifecycle
@@ -199,6 +203,8 @@ class TableFollower:
         self._closed = True
         if self._poller is not None and self._poller.running:
             self._poller.stop()
+        if self._own_wake is not None and self._own_wake.active():
+            self._own_wake.cancel()
         self.pool.close()
 
     # -- wake-ups
@@ -240,7 +246,8 @@ class TableFollower:
         watermark past it once no other transaction holds it back.
         """
         self._own[transaction] = last
-        self.wake()
+        if self._own_wake is None or not self._own_wake.active():
+            self._own_wake = self.reactor.callLater(OWN_WRITE_DELAY, self.wake)
 
     def caught_up(self) -> Deferred[None]:
         """Fires once a catch-up that starts after this call has finished."""

@@ -539,16 +539,18 @@ class PostgresEngine:
         # Revisions come from the sequence when written: decide() numbers the
         # writes from PREDICTED, and those numbers are replaced below.
         kept = decide(expanded, current.get, PREDICTED, now)
-        if not kept:
-            if placeholders:
-                yield cursor.execute(self.sql.drop_placeholders, (sorted(placeholders),))
-            return [], [], []
-        unwritten = sorted(placeholders - {change.key for change in kept})
-        yield cursor.execute(self.sql.write_locked, (*write_params(kept), unwritten))
-        rows = cursor.fetchall()
+        rows: list[Any] = []
+        if kept:
+            unwritten = sorted(placeholders - {change.key for change in kept})
+            yield cursor.execute(self.sql.write_locked, (*write_params(kept), unwritten))
+            rows = cursor.fetchall()
+        elif placeholders:
+            yield cursor.execute(self.sql.drop_placeholders, (sorted(placeholders),))
         for change in expanded:  # rejected ones and reads may name a predicted revision
             if change.revision >= PREDICTED:
-                change.revision = rows[change.revision - PREDICTED][0]
+                i = change.revision - PREDICTED
+                # (beyond the writes: a member of a group rejected as a whole, not reported)
+                change.revision = rows[i][0] if i < len(rows) else 0
         return rows, kept, extras
 
     @inlineCallbacks
