@@ -44,6 +44,7 @@ bench: install postgres-bin
 	$(BIN)/python -m bench.keyspace $(if $(QUICK),--quick,)
 	$(BIN)/python -m bench.memory $(if $(QUICK),--quick,)
 	$(BIN)/python -m bench.watch $(if $(QUICK),--quick,)
+	$(BIN)/python -m bench.scale $(if $(QUICK),--quick,)
 
 # The history checker under every nemesis (tests/faults/torture.py): MINUTES
 # (default 10), SEED (default: the time), OUT (default: /tmp/dache-torture).

@@ -49,6 +49,25 @@ def parse_port(text: str) -> int:
     return port
 
 
+def parse_ports(text: str) -> str:
+    """One port, or a comma-separated list (one per POSTGRES_HOST), as libpq takes them."""
+    ports = [part.strip() for part in text.split(",")]
+    for port in ports:
+        try:
+            parse_port(port)
+        except ValueError:
+            raise ValueError("must be a port from 0 to 65535, or a comma-separated list of them")
+    return ",".join(ports)
+
+
+def parse_hosts(text: str) -> str:
+    """One host, or a comma-separated list (libpq tries them in order)."""
+    hosts = [part.strip() for part in text.split(",")]
+    if not all(hosts):
+        raise ValueError("must be a host, or a comma-separated list of hosts without empty ones")
+    return ",".join(hosts)
+
+
 def parse_bool(text: str) -> bool:
     lowered = text.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -157,10 +176,18 @@ SETTINGS: list[Setting] = [
         "POSTGRES_HOST",
         "postgres-host",
         None,
-        non_empty,
-        "PostgreSQL host name or address, or a Unix socket directory (postgres engine).",
+        parse_hosts,
+        "PostgreSQL host name or address, or a Unix socket directory (postgres engine); "
+        "several, comma-separated, for a primary and its standbys: dache writes to whichever "
+        "accepts writes.",
     ),
-    Setting("POSTGRES_PORT", "postgres-port", "5432", parse_port, "PostgreSQL port."),
+    Setting(
+        "POSTGRES_PORT",
+        "postgres-port",
+        "5432",
+        parse_ports,
+        "PostgreSQL port, or one per POSTGRES_HOST, comma-separated.",
+    ),
     Setting("POSTGRES_DATABASE", "postgres-database", None, non_empty, "PostgreSQL database."),
     Setting("POSTGRES_USER", "postgres-user", None, non_empty, "PostgreSQL user."),
     Setting(

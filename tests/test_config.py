@@ -61,3 +61,37 @@ def test_secrets_are_never_echoed():
         )
     finally:
         config_module.SETTINGS.remove(secret)
+
+
+def test_postgres_takes_a_primary_and_its_standbys_as_host_and_port_lists():
+    from dache.engines.pg_pool import one_per_host
+    from dache.engines.postgres import settings_from_config
+
+    base = {"DURABILITY_ENGINE": "postgres", "POSTGRES_DATABASE": "d", "POSTGRES_USER": "u"}
+    config = resolve({}, {**base, "POSTGRES_HOST": "db1, db2", "POSTGRES_PORT": "5432,6432"})
+    settings = settings_from_config(config)
+    assert settings.where == "u@db1:5432,db2:6432/d"
+    info = settings.conninfo()
+    assert (info["host"], info["port"], info["target_session_attrs"]) == (
+        "db1,db2",
+        "5432,6432",
+        "read-write",
+    )
+    assert [(c["host"], c["port"]) for c in one_per_host(info)] == [
+        ("db1", "5432"),
+        ("db2", "6432"),
+    ]
+    one_port = settings_from_config(resolve({}, {**base, "POSTGRES_HOST": "db1,db2"}))
+    assert one_port.where == "u@db1:5432,db2:5432/d"
+    assert (
+        "target_session_attrs"
+        not in settings_from_config(resolve({}, {**base, "POSTGRES_HOST": "db1"})).conninfo()
+    )
+    with pytest.raises(ConfigError, match="POSTGRES_PORT has 3 ports for 2 POSTGRES_HOST hosts"):
+        settings_from_config(
+            resolve({}, {**base, "POSTGRES_HOST": "db1,db2", "POSTGRES_PORT": "1,2,3"})
+        )
+    with pytest.raises(ConfigError, match="POSTGRES_PORT"):
+        resolve({}, {**base, "POSTGRES_PORT": "5432,x"})
+    with pytest.raises(ConfigError, match="POSTGRES_HOST"):
+        resolve({}, {**base, "POSTGRES_HOST": "db1,,db2"})

@@ -125,8 +125,9 @@ def test_load_skips_expired_rows_and_the_purge_deletes_them_in_bounded_batches(
 @pytest_twisted.inlineCallbacks
 def test_load_streams_in_chunks(pg, pg_engine):
     pg.sql(
+        "CREATE SEQUENCE dache_revision;"
         "CREATE TABLE dache (key text PRIMARY KEY, value text NOT NULL, expiry timestamptz,"
-        " revision bigint NOT NULL)"
+        " revision bigint NOT NULL DEFAULT nextval('dache_revision'))"
     )
     pg.sql("INSERT INTO dache SELECT 'k' || i, i::text, NULL, i FROM generate_series(1, 2500) i")
     engine = pg_engine(pg)

@@ -59,6 +59,7 @@ def test_a_0_3_0_table_is_migrated_in_place_keeping_every_entry(pg, pg_engine, l
         ("value", "text", "NO"),
         ("expiry", "timestamp with time zone", "YES"),
         ("revision", "bigint", "NO"),
+        ("xid", "xid8", "YES"),
     ]
     # Every row got its own revision, and new writes continue the sequence.
     revisions = [r for (r,) in pg.sql("SELECT revision FROM dache")]

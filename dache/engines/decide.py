@@ -5,9 +5,9 @@ increment), reads inside a transaction, and all-or-nothing groups.
 Whoever writes a batch decides it against the keys' state just before the
 batch, then each change sees the ones before it: the committer against memory
 (which holds every earlier batch: one is in flight at a time), the PostgreSQL
-engine against the table under its lock (so nodes sharing the table decide in
-one order and never lose an increment). Both call decide() with their own
-lookup, so the rules live here once.
+engine against the table once the batch's rows are locked (so nodes sharing
+the table decide each key in one order and never lose an increment). Both
+call decide() with their own lookup, so the rules live here once.
 
 After decide(), every change is one of:
 - rejected: `rejected = True`, `error` says why (None: its precondition
@@ -83,12 +83,19 @@ def add(value_json: bytes, by: int | float) -> bytes:
 
 
 class Group:
-    """Changes that succeed or fail together (an atomic batch), kept adjacent in a batch."""
+    """
+    Changes that succeed or fail together (an atomic batch), kept adjacent in a
+    batch. A range delete's group names its prefix: an engine shared by several
+    nodes also deletes, in the same transaction, the keys under it that this
+    node does not hold yet, and counts them in `extra`.
+    """
 
-    __slots__ = ("changes",)
+    __slots__ = ("changes", "prefix", "extra")
 
-    def __init__(self, changes: list[Change]):
+    def __init__(self, changes: list[Change], prefix: str | None = None):
         self.changes = changes
+        self.prefix = prefix
+        self.extra = 0
         for change in changes:
             change.group = self
 

@@ -15,6 +15,8 @@ gets one (through the pool's connectionFactory). What this module adds:
   dead they fail at once with ConnectionDead instead of waiting.
 - No Deferred handed out is txpostgres' own, so a caller's cancel never
   reaches txpostgres (which cannot cancel cleanly).
+- Statements to PREPARE (`prepare()`) are prepared on every connection, and
+  again on each reconnection before it serves.
 """
 
 from __future__ import annotations
@@ -24,7 +26,14 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from twisted.internet import error as twisted_error
-from twisted.internet.defer import Deferred, DeferredList, FirstError, fail, maybeDeferred
+from twisted.internet.defer import (
+    Deferred,
+    DeferredList,
+    FirstError,
+    fail,
+    inlineCallbacks,
+    maybeDeferred,
+)
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from txpostgres import txpostgres
@@ -148,14 +157,30 @@ class Reconnector(DeadConnectionDetector):
         self._timer = None
 
 
+def one_per_host(conninfo: dict[str, Any]) -> list[dict[str, Any]]:
+    """A conninfo per host of a multi-host one (`host=a,b port=p1,p2`), in order."""
+    hosts = str(conninfo.get("host", "")).split(",")
+    if len(hosts) == 1:
+        return [conninfo]
+    ports = str(conninfo.get("port", "")).split(",")
+    ports = ports * len(hosts) if len(ports) == 1 else ports
+    return [{**conninfo, "host": h, "port": p} for h, p in zip(hosts, ports, strict=True)]
+
+
 class PooledConnection(txpostgres.Connection):
     """A txpostgres Connection whose death goes to its detector, never to the log."""
 
     def __init__(
-        self, reactor: Any, cooperator: Any, detector: Reconnector, connect_timeout: float
+        self,
+        reactor: Any,
+        cooperator: Any,
+        detector: Reconnector,
+        connect_timeout: float,
+        prepared: list[str] | None = None,
     ):
         super().__init__(reactor=reactor, cooperator=cooperator, detector=detector)
         self.connect_timeout = connect_timeout
+        self.prepared = prepared if prepared is not None else []  # the pool's, shared
         self._closing = False
 
     @property
@@ -167,6 +192,40 @@ class PooledConnection(txpostgres.Connection):
         )
 
     def connect(self, *args: Any, **kwargs: Any) -> Deferred[Any]:
+        places = one_per_host(kwargs)
+        if len(places) == 1:
+            return self._connect_one(*args, **kwargs)
+        return self._connect_first(args, kwargs, places)
+
+    @inlineCallbacks
+    def _connect_first(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], places: list[dict[str, Any]]
+    ) -> Any:
+        """
+        Several hosts (a primary and its standbys): each in turn, the first that
+        takes us (with target_session_attrs=read-write: that accepts writes).
+        libpq could do this itself, but an asynchronous multi-host connection
+        moves to a new socket for each host, under the reactor's registration.
+        """
+        failures = []
+        for place in places:
+            if self._connection is not None and failures:
+                try:  # the previous host's failed connection (as the detector does)
+                    self.close()
+                except Exception:  # noqa: BLE001, S110 - it may be half open: nothing to undo
+                    pass
+            try:
+                result = yield self._connect_one(*args, **place)
+            except Exception as e:  # noqa: BLE001 - the next host, then the failures named
+                failures.append(f"{place['host']}:{place['port']}: {describe(e)}")
+                continue
+            finally:
+                # A reconnect starts from the first host again.
+                self.detector.setReconnectable(self, *args, **kwargs)
+            return result
+        raise psycopg2.OperationalError("; ".join(failures))
+
+    def _connect_one(self, *args: Any, **kwargs: Any) -> Deferred[Any]:
         d = super().connect(*args, **kwargs)
         if d.called:
             return d
@@ -185,7 +244,15 @@ class PooledConnection(txpostgres.Connection):
                 return Failure(ConnectTimeout(f"no answer within {self.connect_timeout:g}s"))
             return result
 
-        return d.addBoth(done)
+        return d.addBoth(done).addCallback(lambda _: self.prepare(self.prepared))
+
+    @inlineCallbacks
+    def prepare(self, statements: list[str]) -> Any:
+        """PREPARE statements on this connection (named statements live per session)."""
+        for statement in statements:
+            # Past the detector: while reconnecting, the connection still counts as dead.
+            yield self.lock.run(self._runOperation, statement)
+        return self
 
     def close(self) -> None:
         if self._connection is None:
@@ -270,6 +337,7 @@ class ReconnectingPool(txpostgres.ConnectionPool):
         self.connect_timeout = connect_timeout
         self._on_death = on_death
         self._on_recovery = on_recovery
+        self.prepared: list[str] = []  # set by prepare(); every connection shares it
         super().__init__(None, min=size, **conninfo)
         self.everyone = frozenset(self.connections)  # idle or busy
 
@@ -279,8 +347,19 @@ class ReconnectingPool(txpostgres.ConnectionPool):
             on_death=lambda f: self._on_death(connection, f),
             on_recovery=lambda: self._on_recovery(connection),
         )
-        connection = PooledConnection(reactor, cooperator, detector, self.connect_timeout)
+        connection = PooledConnection(
+            reactor, cooperator, detector, self.connect_timeout, self.prepared
+        )
         return connection
+
+    def prepare(self, statements: list[str]) -> Deferred[Any]:
+        """PREPARE statements on every connection now, and on each one that reconnects."""
+        self.prepared[:] = statements
+        return DeferredList(
+            [shield(c.prepare(statements)) for c in self.everyone if c.alive],
+            fireOnOneErrback=True,
+            consumeErrors=True,
+        ).addErrback(lambda f: f.value.subFailure if f.check(FirstError) else f)
 
     @property
     def alive(self) -> int:

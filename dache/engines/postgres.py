@@ -2,14 +2,18 @@
 The PostgreSQL durability engine: every acknowledged set and delete is a row
 change committed in PostgreSQL (through txpostgres) before it is visible.
 
-- write(batch) is one transaction: the table's advisory lock, then every
-  change gets a revision from the table's sequence, in batch order (so
-  revisions commit in order, for other nodes following the table); the last
-  change per key wins, the sets as one `unnest` upsert and the deletes as one
-  DELETE leaving tombstones; a NOTIFY carries the highest revision. Without
-  preconditions that is one round trip (one query string); a batch with
-  preconditions reads its keys' current revisions under the lock and decides
-  them there (decides_preconditions), so nodes racing on a key cannot both win.
+- write(batch) is one transaction: first its keys' rows are locked, in key
+  order (pg_schema's lock_keys: absent keys get a placeholder row), then
+  every change gets a revision from the table's sequence, in batch order, so
+  a key's revisions commit in the order they were taken (for other nodes
+  following the table, pg_follow); the last change per key wins, the sets as
+  one `unnest` upsert and the deletes as one DELETE leaving tombstones; a
+  NOTIFY carries the highest revision. Nodes writing different keys never
+  wait for each other. Without preconditions that is one round trip (one
+  query string); a batch with preconditions, read-modify-writes or a range
+  delete reads its keys' rows once they are locked and decides there
+  (decides_preconditions), so nodes racing on a key cannot both win, and a
+  range delete also takes the keys this node has not followed yet.
 - load(apply) connects (retrying with backoff for POSTGRES_CONNECT_TIMEOUT),
   creates or migrates the table (see pg_schema), then streams the live rows
   through a server-side cursor in chunks, in one snapshot whose revision is
@@ -59,7 +63,13 @@ from dache.engines.pg_pool import (
     describe,
     shield,
 )
-from dache.engines.pg_schema import CURRENT_SHAPE, SHAPE_0_3_0, TableSQL, describe_shape
+from dache.engines.pg_schema import (
+    CURRENT_SHAPE,
+    SHAPE_0_3_0,
+    SHAPE_REVISION,
+    TableSQL,
+    describe_shape,
+)
 from dache.errors import ConfigError, StartupError
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -68,6 +78,7 @@ PURGE_INTERVAL = 30.0  # seconds between purges of expired rows (one node purges
 TOMBSTONE_RETENTION = 3600.0  # seconds deletes stay readable by following nodes
 PURGE_BATCH = 1_000  # rows per purge statement
 PURGE_ROUNDS = 100  # statements per purge, at most
+PREDICTED = 1 << 62  # decide()'s numbering of a batch's writes, above any real revision
 ATTEMPT_TIMEOUT = 10.0  # seconds one connection attempt may take
 CHECK_TIMEOUT = 2.0  # seconds a health check waits for PostgreSQL
 
@@ -76,8 +87,8 @@ UNREACHABLE = "PostgreSQL is unreachable (dache is reconnecting); the write was 
 
 @dataclass(frozen=True)
 class PostgresSettings:
-    host: str
-    port: int
+    host: str  # one, or several comma-separated (a primary and its standbys)
+    port: int | str  # one, or one per host
     database: str
     user: str
     password: str | None = field(default=None, repr=False)
@@ -91,12 +102,20 @@ class PostgresSettings:
     @property
     def where(self) -> str:
         """Where we connect, for logs: never the password."""
-        return f"{self.user}@{self.host}:{self.port}/{self.database}"
+        hosts, ports = self.hosts()
+        places = ",".join(f"{host}:{port}" for host, port in zip(hosts, ports, strict=True))
+        return f"{self.user}@{places}/{self.database}"
+
+    def hosts(self) -> tuple[list[str], list[str]]:
+        """The hosts, and a port for each."""
+        hosts = self.host.split(",")
+        ports = str(self.port).split(",")
+        return hosts, ports * len(hosts) if len(ports) == 1 else ports
 
     def conninfo(self) -> dict[str, Any]:
         info: dict[str, Any] = {
             "host": self.host,
-            "port": self.port,
+            "port": str(self.port),
             "dbname": self.database,
             "user": self.user,
             "application_name": "dache",
@@ -110,6 +129,10 @@ class PostgresSettings:
         }
         if psycopg2.extensions.libpq_version() >= 120000:
             info["tcp_user_timeout"] = 15_000  # ms an unacknowledged send may wait
+        if "," in self.host:
+            # A primary and its standbys: libpq tries each in turn and keeps the one
+            # that accepts writes, so after a failover a reconnect finds the new primary.
+            info["target_session_attrs"] = "read-write"
         if self.password is not None:
             info["password"] = self.password
         if self.sslmode is not None:
@@ -126,6 +149,12 @@ def settings_from_config(config: Any) -> PostgresSettings:
     ):
         if not getattr(config, setting.lower(), None):
             raise ConfigError(f"{setting} is required for the postgres engine (or {option})")
+    hosts, ports = config.postgres_host.split(","), str(config.postgres_port).split(",")
+    if len(ports) not in (1, len(hosts)):
+        raise ConfigError(
+            f"POSTGRES_PORT has {len(ports)} ports for {len(hosts)} POSTGRES_HOST hosts: "
+            "give one port, or one per host"
+        )
     password = config.postgres_password
     if config.postgres_password_file:
         if password:
@@ -158,6 +187,39 @@ def to_timestamp(seconds: float) -> datetime:
 def to_micros_float(seconds: float) -> float:
     """`seconds` as PostgreSQL keeps it (whole microseconds), so memory equals the table."""
     return round(seconds * 1_000_000) / 1_000_000
+
+
+def like_prefix(prefix: str) -> str:
+    """A LIKE pattern matching the keys that start with prefix."""
+    escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return escaped + "%"
+
+
+def with_range_deletes(
+    changes: list[Change], current: dict[str, State]
+) -> tuple[list[Change], list[Change]]:
+    """
+    The batch with, after each range delete's group, a delete of every live key
+    under its prefix that the group does not name (keys another node wrote
+    that this node had not followed yet); and those deletes.
+    """
+    expanded: list[Change] = []
+    extras: list[Change] = []
+    for change in changes:
+        expanded.append(change)
+        group = change.group
+        if group is None or group.prefix is None or change is not group.changes[-1]:
+            continue
+        named = {member.key for member in group.changes}
+        more = [
+            Change.delete(key)
+            for key in sorted(current)
+            if key.startswith(group.prefix) and key not in named
+        ]
+        group.extra = len(more)
+        expanded += more
+        extras += more
+    return expanded, extras
 
 
 def write_params(changes: list[Change]) -> tuple[list[Any], ...]:
@@ -210,7 +272,7 @@ class PostgresEngine:
         self.pruned = 0  # tombstones deleted
         self.available = False  # at least one connection is up
         self.down_since: float | None = None
-        self._lane = DeferredLock()  # writes, one at a time
+        self._lane = DeferredLock()  # this node's writes, one at a time
         self._in_doubt: set[str] = set()  # keys of writes of unknown outcome
         self.follower: TableFollower | None = None  # once follow() was called
         self._target: Any = None
@@ -259,6 +321,9 @@ class PostgresEngine:
             done = yield self.pool.runInteraction(self._prepare_table)
             if done is not None:  # logged once committed
                 self.log.emit(*done, table=self.settings.table)
+            yield self.pool.prepare(self.sql.prepare)
+            if self.follower is not None:
+                yield self.follower.pool.prepare(self.sql.prepare)
             began = time.monotonic()
             count, revision = yield self.pool.runInteraction(self._snapshot, apply)
         except (psycopg2.Error, ConnectionDead, *CONNECTION_ERRORS) as e:
@@ -355,7 +420,7 @@ class PostgresEngine:
             for statement in sql.create + sql.create_followed:
                 yield cursor.execute(statement)
             return LogLevel.info, "created PostgreSQL table {table}"
-        if columns not in (CURRENT_SHAPE, SHAPE_0_3_0):
+        if columns not in (CURRENT_SHAPE, SHAPE_REVISION, SHAPE_0_3_0):
             raise StartupError(
                 f"table {name} has columns ({describe_shape(columns)}), which is neither "
                 "dache's shape nor dache 0.3.0's; set POSTGRES_TABLE to another table"
@@ -363,7 +428,7 @@ class PostgresEngine:
         yield cursor.execute(sql.key_is_unique)
         if not cursor.fetchone()[0]:
             raise StartupError(f"table {name} has no primary key or unique index on key alone")
-        if columns == CURRENT_SHAPE:
+        if columns in (CURRENT_SHAPE, SHAPE_REVISION):
             yield cursor.execute(sql.followed_objects)
             if cursor.fetchone()[0]:
                 return None
@@ -372,7 +437,7 @@ class PostgresEngine:
             return (
                 LogLevel.info,
                 "added what following other nodes needs to PostgreSQL table {table} "
-                "(tombstones, a revision index)",
+                "(tombstones, a revision index, the writing transaction of each row)",
             )
         yield cursor.execute(sql.count)
         (rows,) = cursor.fetchone()
@@ -389,19 +454,24 @@ class PostgresEngine:
     @inlineCallbacks
     def changes_since(self, since: int, limit: int) -> Any:
         """
-        The table's changes above `since` (each key's latest: a row or a
-        tombstone), oldest first, as the follower's catch-up reads them:
-        (highest revision read, [Change]), or None when tombstones above `since`
-        were pruned or there are more than `limit` (the watcher must reset).
+        The table's changes above `since` up to the follower's watermark (each
+        key's latest: a row or a tombstone), oldest first: (the watermark,
+        [Change]), or None when tombstones above `since` were pruned or there
+        are more than `limit` (the watcher must reset).
         """
-        rows = yield self.pool.runQuery(self.sql.changes_since, {"since": since, "limit": limit})
+        through = self.follower.watermark if self.follower is not None else since
+        if through <= since:
+            return since, []
+        rows = yield self.pool.runQuery(
+            self.sql.changes_since, {"since": since, "through": through, "limit": limit}
+        )
         if rows[0][0] > since:
             return None  # deletes above `since` are forgotten
         changes = [row_change(*row[1:]) for row in rows if row[1] is not None]
         if len(changes) >= limit:
             return None
-        top = changes[-1].revision if changes else since
-        return top, changes
+        # Up to the watermark: nothing at or below it can commit any more.
+        return through, changes
 
     # -- writes
 
@@ -418,46 +488,70 @@ class PostgresEngine:
         if any(change.decided for change in changes):
             # Not retried: a first attempt that did commit would fail its own
             # precondition (or increment twice) the second time.
-            rows, written = yield self._attempt(
+            rows, written, extras = yield self._attempt(
                 lambda: self.pool.runInteraction(self._decide_and_write, changes), keys, False
             )
         else:
-            params = write_params(changes)
+            params = (sorted(keys), *write_params(changes), [])
             rows = yield self._attempt(lambda: self.pool.runQuery(self.sql.write, params), keys)
-            written = changes
-        for change, (revision,) in zip(written, rows, strict=True):
+            written, extras = changes, []
+        if not written:
+            return
+        for change, (revision, _) in zip(written, rows, strict=True):
             change.revision = revision
             if change.expiry is not None:
                 change.expiry = to_micros_float(change.expiry)
-        if written and self.follower is not None:
-            self.follower.own_write(written[0].revision, written[-1].revision)
+        if self._target is not None:
+            for extra in extras:  # a range delete's keys this node did not hold
+                self._target.apply(extra)
+        if self.follower is not None:
+            self.follower.own_write(int(rows[0][1]), written[-1].revision)
 
     @inlineCallbacks
     def _decide_and_write(self, cursor: Any, changes: list[Change]) -> Any:
         """
-        An interaction: under the table's lock, decide the batch (preconditions,
-        read-modify-writes, groups: dache.engines.decide) against the table as
-        each change will find it, then write what it leaves. Answers the written
-        rows' revisions and the changes written.
+        An interaction: lock the batch's keys (and the keys its range deletes
+        find in the table), decide the batch (preconditions, read-modify-writes,
+        groups: dache.engines.decide) against the table as each change will find
+        it, then write what it leaves. Answers the written rows (revision,
+        transaction), the changes written, and the deletes a range delete added.
         """
-        yield cursor.execute(self.sql.lock)
-        needed = sorted({change.key for change in changes if reads_state(change)})
-        yield cursor.execute(self.sql.current, (needed,))
+        prefixes = sorted(
+            {c.group.prefix for c in changes if c.group is not None and c.group.prefix is not None}
+        )
+        ranged: list[str] = []
+        if prefixes:
+            yield cursor.execute(self.sql.keys_like, ([like_prefix(p) for p in prefixes],))
+            ranged = [key for (key,) in cursor.fetchall()]
+        yield cursor.execute(self.sql.lock_keys, (sorted({c.key for c in changes} | set(ranged)),))
+        placeholders = {key for (key,) in cursor.fetchall()}
+        needed = sorted({change.key for change in changes if reads_state(change)} | set(ranged))
         now = self.reactor.seconds()
-        next_revision = 1
         current: dict[str, State] = {}
-        for key, revision, micros, value in cursor.fetchall():
-            if key is None:  # the sequence's last revision handed out
-                next_revision = (revision or 0) + 1
-            elif micros is None or micros / 1_000_000 > now:  # expired by this node's clock: absent
-                expiry = None if micros is None else micros / 1_000_000
-                current[key] = (value.encode("utf-8"), expiry, revision)
-        # Revisions are taken in batch order under the lock: decide() predicts them.
-        kept = decide(changes, current.get, next_revision, now)
-        if not kept:
-            return [], []
-        yield cursor.execute(self.sql.write_locked, write_params(kept))
-        return cursor.fetchall(), kept
+        if needed:
+            yield cursor.execute(self.sql.current, (needed,))
+            for key, revision, micros, value in cursor.fetchall():
+                # Expired by this node's clock: absent.
+                if micros is None or micros / 1_000_000 > now:
+                    expiry = None if micros is None else micros / 1_000_000
+                    current[key] = (value.encode("utf-8"), expiry, revision)
+        expanded, extras = with_range_deletes(changes, current)
+        # Revisions come from the sequence when written: decide() numbers the
+        # writes from PREDICTED, and those numbers are replaced below.
+        kept = decide(expanded, current.get, PREDICTED, now)
+        rows: list[Any] = []
+        if kept:
+            unwritten = sorted(placeholders - {change.key for change in kept})
+            yield cursor.execute(self.sql.write_locked, (*write_params(kept), unwritten))
+            rows = cursor.fetchall()
+        elif placeholders:
+            yield cursor.execute(self.sql.drop_placeholders, (sorted(placeholders),))
+        for change in expanded:  # rejected ones and reads may name a predicted revision
+            if change.revision >= PREDICTED:
+                i = change.revision - PREDICTED
+                # (beyond the writes: a member of a group rejected as a whole, not reported)
+                change.revision = rows[i][0] if i < len(rows) else 0
+        return rows, kept, extras
 
     @inlineCallbacks
     def _attempt(self, run: Callable[[], Deferred[Any]], keys: set[str], retry: bool = True) -> Any:

@@ -85,10 +85,15 @@ def list_keys(api: DacheAPI, request: IRequest) -> Any:
 def delete_prefix(api: DacheAPI, request: IRequest) -> bytes | Deferred[bytes]:
     prefix = parse_prefix_delete(request)
     keys = listing.keys_under(api.cache, prefix, api.clock.seconds())
-    if not keys:
+    # An engine shared by several nodes decides the range in its transaction:
+    # it also deletes the keys under the prefix this node has not followed yet.
+    shared = getattr(api.committer.engine, "decides_preconditions", False)
+    if not keys and not shared:
         return _json(request, b'{"deleted":0}')
-    d = api.committer.submit_group(Group([Change.delete(key) for key in keys]))
-    d.addCallback(lambda _: _json(request, b'{"deleted":%d}' % len(keys)))
+    members = [Change.delete(key) for key in keys] or [Change(GET, prefix)]  # (a read: no change)
+    group = Group(members, prefix=prefix)
+    d = api.committer.submit_group(group)
+    d.addCallback(lambda _: _json(request, b'{"deleted":%d}' % (len(keys) + group.extra)))
     return d.addErrback(api.write_failed, request)
 
 

@@ -15,6 +15,7 @@ import shutil
 import signal
 import tempfile
 import time
+from typing import Any
 from urllib.parse import quote
 
 from tests.faultproxy import FaultProxy
@@ -112,6 +113,24 @@ class Cluster:
                 "POSTGRES_PURGE_INTERVAL": "1",
             }
             nodes.append(Node(f"n{i + 1}", env, proxy))
+        return cls(nodes, server, tempfile.mkdtemp(prefix="dache-faults-"), database)
+
+    @classmethod
+    def failover(cls, server: Any, database: Database, count: int = 3) -> Cluster:
+        """
+        `count` postgres-engine nodes on a primary and its standby
+        (tests.faults.failover.HAPostgres), given both hosts: no proxies.
+        """
+        env = {
+            "DURABILITY_ENGINE": "postgres",
+            "POSTGRES_HOST": server.host,
+            "POSTGRES_PORT": server.port,
+            "POSTGRES_DATABASE": database.name,
+            "POSTGRES_USER": server.user,
+            "POSTGRES_SSLMODE": "disable",
+            "POSTGRES_PURGE_INTERVAL": "1",
+        }
+        nodes = [Node(f"n{i + 1}", env) for i in range(count)]
         return cls(nodes, server, tempfile.mkdtemp(prefix="dache-faults-"), database)
 
     @classmethod

@@ -85,6 +85,17 @@ def cut(cluster: Cluster, node, hold: float) -> None:
     node.proxy.cut()
 
 
+def failover(cluster: Cluster, node, hold: float) -> None:
+    """
+    kill -9 the PostgreSQL primary (its postgres and its pg_auto_failover
+    keeper); once the standby is promoted, `hold` seconds later the old one
+    rejoins as the new standby (tests.faults.failover).
+    """
+    old, _ = cluster.server.kill_primary()
+    time.sleep(hold)
+    cluster.server.rejoin(old)
+
+
 NEMESES = {
     "kill": kill,
     "power-loss": power_loss,
@@ -94,15 +105,20 @@ NEMESES = {
     "drop": drop,
     "slow": slow,
     "cut": cut,
+    "failover": failover,
 }
 POSTGRES_ONLY = {"postgres-crash", "partition", "drop", "slow", "cut"}
-
-
 DISK_ONLY = {"power-loss"}
+FAILOVER_ONLY = {"failover"}  # a primary and a standby (Cluster.failover)
 
 
 def available(cluster: Cluster) -> list[str]:
-    skip = POSTGRES_ONLY if cluster.server is None else DISK_ONLY
+    if cluster.server is None:
+        skip = POSTGRES_ONLY | FAILOVER_ONLY
+    elif hasattr(cluster.server, "kill_primary"):  # nodes reach it directly: no proxies
+        skip = POSTGRES_ONLY | DISK_ONLY
+    else:
+        skip = DISK_ONLY | FAILOVER_ONLY
     return [name for name in NEMESES if name not in skip]
 
 
@@ -135,7 +151,8 @@ class Schedule:
 
     def run_one(self, name: str) -> None:
         node = self.random.choice(self.cluster.nodes)
-        fault = Fault(name, "postgres" if name == "postgres-crash" else node.name, time.monotonic())
+        on_postgres = name in ("postgres-crash", "failover")
+        fault = Fault(name, "postgres" if on_postgres else node.name, time.monotonic())
         self.faults.append(fault)
         try:
             NEMESES[name](self.cluster, node, self.random.uniform(*self.hold))

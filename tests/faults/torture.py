@@ -4,8 +4,11 @@
     .venv/bin/python -m tests.faults.torture [--minutes 10] [--seed N] [--out DIR]
 
 Runs rounds until the time is up, alternating three postgres-engine nodes on
-one table (every nemesis but power loss) and one disk-engine node (kill -9,
-power loss and SIGSTOP), on a throwaway PostgreSQL cluster of its own; prints
+one table (every nemesis but power loss), one disk-engine node (kill -9,
+power loss and SIGSTOP), on a throwaway PostgreSQL cluster of its own, and
+three postgres-engine nodes on a primary and its synchronous standby under
+pg_auto_failover (the primary killed and the standby promoted, kill -9 and
+SIGSTOP of nodes: tests/faults/failover.py); prints
 each round's table and a total, and exits 1 if any round found an anomaly
 (its history is in DIR).
 """
@@ -20,6 +23,7 @@ import time
 
 from tests.faults import nemesis
 from tests.faults.cluster import Cluster
+from tests.faults.failover import HAPostgres
 from tests.faults.runner import Result, run, summary
 from tests.history import Report
 from tests.postgres import PostgresServer
@@ -46,9 +50,14 @@ def main(argv: list[str] | None = None) -> int:
             seconds = min(ROUND_SECONDS, deadline - time.monotonic() - 15)
             out = os.path.join(options.out, f"round-{round_number}")
             seed = options.seed + round_number
+            ha = None
             if round_number % 3 == 0:
                 cluster = Cluster.disk()
                 kind = "disk, 1 node"
+            elif round_number % 3 == 2:
+                ha = HAPostgres.start_new()
+                cluster = Cluster.failover(ha, ha.create_database())
+                kind = "postgres failover (pg_auto_failover), 3 nodes"
             else:
                 database = server.create_database()
                 cluster = Cluster.postgres(server, database)
@@ -58,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
                 result = run(cluster, nemesis.available(cluster), seconds, seed, out)
             finally:
                 cluster.stop()
+                if ha is not None:
+                    ha.destroy()
             print(
                 f"\n## round {round_number} ({kind}, seed {seed})\n\n{summary(result)}", flush=True
             )
