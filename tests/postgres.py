@@ -107,6 +107,24 @@ class Database:
         return {key: (value, expiry) for key, value, expiry in result}
 
 
+def admin_sql(conninfo: dict[str, Any], query: str) -> None:
+    """One statement outside a transaction (CREATE/DROP DATABASE cannot run in one)."""
+    connection = psycopg2.connect(**conninfo)
+    try:
+        connection.autocommit = True
+        with connection.cursor() as cursor:
+            cursor.execute(query)
+    finally:
+        connection.close()
+
+
+def new_database(server: Any, prefix: str) -> Database:
+    """A new, uniquely named database on `server` (a PostgresServer or the like)."""
+    name = prefix + uuid.uuid4().hex[:12]
+    admin_sql(server.conninfo(), f'CREATE DATABASE "{name}"')
+    return Database(server, name)
+
+
 class PostgresServer:
     """A PostgreSQL server: one we run (initdb + pg_ctl), or one given by a DSN."""
 
@@ -237,18 +255,10 @@ class PostgresServer:
         return info
 
     def admin_sql(self, query: str) -> None:
-        connection = psycopg2.connect(**self.conninfo())
-        try:
-            connection.autocommit = True
-            with connection.cursor() as cursor:
-                cursor.execute(query)
-        finally:
-            connection.close()
+        admin_sql(self.conninfo(), query)
 
     def create_database(self) -> Database:
-        name = "dache_test_" + uuid.uuid4().hex[:12]
-        self.admin_sql(f'CREATE DATABASE "{name}"')
-        return Database(self, name)
+        return new_database(self, "dache_test_")
 
     def drop_database(self, database: Database) -> None:
         if self.owned and not self.running():

@@ -24,13 +24,12 @@ import signal
 import subprocess
 import tempfile
 import time
-import uuid
 from typing import Any
 
 import psycopg2
 
 from tests.debian import ensure
-from tests.postgres import Database, find_bindir, free_port
+from tests.postgres import Database, admin_sql, find_bindir, free_port, new_database
 
 PACKAGE = "postgresql-15-auto-failover"
 ROLE = "postgres"  # trust on loopback (pg_autoctl --auth trust)
@@ -278,18 +277,10 @@ class HAPostgres:
         }
 
     def admin_sql(self, query: str) -> None:
-        connection = psycopg2.connect(**self.conninfo())
-        try:
-            connection.autocommit = True
-            with connection.cursor() as cursor:
-                cursor.execute(query)
-        finally:
-            connection.close()
+        admin_sql(self.conninfo(), query)
 
     def create_database(self) -> Database:
-        name = "dache_ha_" + uuid.uuid4().hex[:12]
-        self.admin_sql(f'CREATE DATABASE "{name}"')
-        return Database(self, name)  # type: ignore[arg-type]
+        return new_database(self, "dache_ha_")
 
     def destroy(self) -> None:
         for keeper in (*self.nodes, self.monitor):
