@@ -268,6 +268,11 @@ class TableFollower:
         try:
             while self._wanted and not self._closed:
                 self._wanted = False
+                if self._own_wake is not None and self._own_wake.active():
+                    # this catch-up covers every own write noted so far; a wake-up
+                    # left pending would start one while a later own write is in
+                    # flight, and read its rows back before it is noted as own
+                    self._own_wake.cancel()
                 waiting, self._waiting = self._waiting, []
                 try:
                     yield self._catch_up()
