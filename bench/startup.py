@@ -4,7 +4,9 @@ durable engine, and the resident memory they cost.
 
 For each engine: fill an empty store with bench.fill, start `twistd dache` on
 it (pinned like every server) and time it to its "listening" line; read the
-engine's own "loaded N entries in S s" line; read VmRSS. The same engine on an
+engine's own "loaded N entries in S s" line; read VmRSS. For the disk engine,
+then compact the log (bench.fill --compact) and time a start on it again: a
+node's log is its writes until its first compaction, compacted after. The same engine on an
 empty store gives the baseline RSS, so
 
     bytes per entry = (RSS full - RSS empty) / N
@@ -41,6 +43,9 @@ class Startup:
     fill_seconds: float | None = None
     load_seconds: float | None = None  # dache's own "loaded ... in" figure
     listening_seconds: float | None = None  # process start to listening
+    # The same, started again after the engine compacted its store (disk only).
+    compacted_load_seconds: float | None = None
+    compacted_listening_seconds: float | None = None
     rss_empty: int | None = None
     rss_full: int | None = None
     error: str | None = None
@@ -144,15 +149,46 @@ def measure(engine: str, workdir: str, entries: int) -> Startup:
     try:
         result.listening_seconds = time.monotonic() - began
         result.rss_full = settled_rss(server)
-        for line in server.lines:
-            match = LOADED.search(line)
-            if match:
-                if int(match.group(1)) != entries:
-                    result.error = f"loaded {match.group(1)} entries, expected {entries}"
-                result.load_seconds = float(match.group(2))
+        result.load_seconds = loaded_seconds(server, entries, result)
     finally:
         server.stop()
+    if engine == "disk" and result.error is None:
+        measure_compacted(full_env, entries, result)
     return result
+
+
+def loaded_seconds(server: Any, entries: int, result: Startup) -> float | None:
+    """The server's own "loaded N entries in S s" figure (an error noted if N is wrong)."""
+    for line in server.lines:
+        match = LOADED.search(line)
+        if match:
+            if int(match.group(1)) != entries:
+                result.error = f"loaded {match.group(1)} entries, expected {entries}"
+            return float(match.group(2))
+    return None
+
+
+def measure_compacted(env: dict[str, str], entries: int, result: Startup) -> None:
+    """Compact the filled store, then time a start on the compacted log."""
+    compacted = subprocess.run(
+        pinned(SERVER_CPU, [sys.executable, "-m", "bench.fill", "--compact"]),
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    if compacted.returncode != 0:
+        result.error = f"compaction failed: {(compacted.stdout + compacted.stderr).strip()[-500:]}"
+        return
+    server = dache("startup-disk-compacted", env)
+    began = time.monotonic()
+    server.start(timeout=300)
+    try:
+        result.compacted_listening_seconds = time.monotonic() - began
+        result.compacted_load_seconds = loaded_seconds(server, entries, result)
+    finally:
+        server.stop()
 
 
 def settled_rss(server: Any) -> int:
