@@ -72,8 +72,8 @@ def compact(reactor: Any) -> Any:
         else:
             cache.delete(change.key)
 
-    if hasattr(engine, "load_entry"):  # a log compacted before
-        engine.load_entry = cache.put
+    if hasattr(engine, "load_entries"):  # a log compacted before
+        engine.load_entries = cache.put_many
     yield engine.load(apply)
     engine.attach(cache)
     began = time.monotonic()

@@ -124,8 +124,8 @@ class DacheService(service.Service):
         began = time.monotonic()
         gcpolicy.pause()  # see dache.gcpolicy: the load makes no cycles
         try:
-            if hasattr(self.engine, "load_entry"):  # the disk engine's compacted entries
-                self.engine.load_entry = self._load_entry
+            if hasattr(self.engine, "load_entries"):  # the disk engine's compacted entries
+                self.engine.load_entries = self._load_entries
             yield self.engine.load(self._apply_loaded)
             self.cache.expire(reactor.seconds())
             self._loading.finished()  # over MAX_MEMORY with noeviction: StartupError
@@ -242,9 +242,13 @@ class DacheService(service.Service):
         if self._loading.active:  # MAX_MEMORY: evict while loading, or refuse to start
             self._loading.loaded(change.key)
 
-    def _load_entry(self, key: str, entry: bytes, revision: int) -> None:
-        self.cache.put(key, entry, revision)
-        if self._loading.active:
+    def _load_entries(self, keys: list[str], entries: list[bytes], top: int) -> None:
+        if not self._loading.active:
+            self.cache.put_many(keys, entries, top)
+            return
+        # MAX_MEMORY: evict while loading, or refuse to start; key by key.
+        for key, entry in zip(keys, entries, strict=True):
+            self.cache.put(key, entry, top)
             self._loading.loaded(key)
 
     def _sweep(self) -> None:

@@ -10,13 +10,13 @@ from __future__ import annotations
 import os
 
 from bench import report, startup
-from dache.engines.disklog import FRAME, HEADER, decode_changes
+from dache.engines.disklog import FRAME, HEADER, Entries, decode_changes
 
 ENTRIES = 5_000
 
 
 def first_record(log: str) -> list:
-    """The changes of the log's first record ("R" ones as (key, entry, revision) tuples)."""
+    """The changes of the log's first record (compacted entries as Entries)."""
     with open(log, "rb") as file:
         file.seek(HEADER.size)
         length = FRAME.unpack(file.read(FRAME.size))[0]
@@ -31,7 +31,7 @@ def test_a_start_is_timed_on_the_log_of_writes_and_again_once_it_is_compacted(tm
     logs = [tmp_path / d / "dache.log" for d in os.listdir(tmp_path) if d.startswith("disk-")]
     filled = max(logs, key=os.path.getsize)  # the other one is the empty store's
     changes = first_record(str(filled))
-    assert changes and all(type(c) is tuple for c in changes)  # compacted: "R" records only
+    assert changes and all(isinstance(c, Entries) for c in changes)  # compacted: entries only
 
     rows = {t.what: t for t in report.density_targets(result)}
     assert "compacted log" in next(iter(rows))

@@ -1,6 +1,8 @@
 import json
 
-from dache.rendering import render_json
+import pytest
+
+from dache.rendering import render_json, render_key
 from dache.store.cache import Cache, body_of, render_entry, revision_of, value_json_of, value_of
 
 
@@ -97,3 +99,49 @@ def test_snapshot_and_max_revision():
     cache.set("b", b"2", expiry=10.0, revision=9)
     assert [k for k, _ in cache.snapshot(now=20.0)] == ["a"]
     assert cache.max_revision() == 9
+
+
+def filled(setup):
+    """A cache as each case of put_many finds it."""
+    cache = Cache()
+    if setup == "held":
+        cache.set("b", b'"held before"', 1.9e9, revision=1)
+    if setup == "indexed":
+        cache.index()
+    if setup == "policy":
+        cache.uses, cache.new_use, cache.sample_keys = {}, 7, []
+    return cache
+
+
+def state(cache):
+    return (
+        dict(cache.items()),
+        cache.bytes,
+        cache.used,
+        cache.with_expiry,
+        cache.revision,
+        sorted(cache._expiries),
+        None if cache._index is None else list(cache.index()),
+        cache.uses,
+        cache.sample_keys,
+    )
+
+
+@pytest.mark.parametrize("setup", ["empty", "held", "indexed", "policy", "repeated"])
+def test_put_many_leaves_the_cache_as_puts_one_by_one(setup):
+    specs = [
+        ("a", b'"alpha"', None, 4),
+        ("b", b"[1]", 1.9e9 + 0.5, 9),
+        ("clé ü", b'"%b"' % (b"x" * 40_000), None, 6),  # a body counted in whole pages
+        ("d", b"2", 1900000000, 5),
+    ]
+    if setup == "repeated":
+        specs.append(("a", b'"again"', None, 8))
+    keys = [key for key, *_ in specs]
+    entries = [render_entry(render_key(k), v, e, r) for k, v, e, r in specs]
+    one_by_one, at_once = filled(setup), filled(setup)
+    for key, entry, spec in zip(keys, entries, specs, strict=True):
+        one_by_one.put(key, entry, spec[3])
+    at_once.put_many(keys, entries, 9)
+    assert state(at_once) == state(one_by_one)
+    assert at_once.expire(2e9) == one_by_one.expire(2e9) == 2  # the expiry index too

@@ -16,9 +16,17 @@ from twisted.logger import formatEvent, globalLogPublisher
 
 from dache.engines import SET, Change, EngineUnavailable, compaction
 from dache.engines.disk import LOG_NAME, DiskEngine, repair
-from dache.engines.disklog import FRAME, HEADER, scan
+from dache.engines.disklog import FRAME, HEADER, Entries, decode_changes, encode_block, frame, scan
 from dache.errors import StartupError
-from dache.store.cache import Cache, body_of, revision_of, value_json_of, value_of
+from dache.rendering import render_key
+from dache.store.cache import (
+    Cache,
+    body_of,
+    render_entry,
+    revision_of,
+    value_json_of,
+    value_of,
+)
 from dache.store.committer import Committer
 
 
@@ -31,7 +39,7 @@ class Node:
         self.cache = Cache()
         self.committer = None
         if entries:  # compacted entries put back as they are, as dache.service does
-            self.engine.load_entry = self.cache.put
+            self.engine.load_entries = self.cache.put_many
 
     async def open(self):
         await self.engine.load(self._apply)
@@ -377,6 +385,44 @@ async def test_compaction_drops_expired_entries_and_deletes_and_keeps_the_revisi
     again = await opened(tmp_path)
     assert list(again.content()) == ["live"]
     assert await again.set("next", b"1") == last + 1
+    await again.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_compaction_writes_the_entries_in_key_order_as_blocks(tmp_path, monkeypatch):
+    monkeypatch.setattr(compaction, "RECORD_BYTES", 512)  # the entries in several records
+    node = await opened(tmp_path)
+    keys = [f"k{i:03d}" for i in random.sample(range(100), 100)] + ["é", "Z", "a/b"]
+    for key in keys:
+        await node.set(key, b'"%b"' % key.encode())
+    node.cache.index()  # a node keeps its key index: compaction writes in its order
+    assert await node.engine.compact()
+    await node.close()
+    data = open(node.log_path, "rb").read()
+    blocks = []
+    for offset in record_offsets(node.log_path):
+        length = FRAME.unpack_from(data, offset)[0]
+        body = data[offset + FRAME.size : offset + FRAME.size + length]
+        blocks += decode_changes(body, entries=True)
+    assert len(blocks) > 3 and all(isinstance(block, Entries) for block in blocks)
+    assert [key for block in blocks for key in block.keys] == sorted(keys)
+    again = await opened(tmp_path)
+    assert again.content() == node.content()
+    await again.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_entry_that_expired_since_its_compaction_is_a_delete_at_replay(tmp_path):
+    node = await opened(tmp_path)
+    await node.set("k", b'"written before"')
+    await node.close()
+    past, future = reactor.seconds() - 1, reactor.seconds() + 3600
+    entries = [render_entry(render_key(k), b"1", e, 9) for k, e in [("k", past), ("kept", future)]]
+    with open(node.log_path, "ab") as log:
+        log.write(frame(encode_block([b"k", b"kept"], entries, 9)))
+    again = await opened(tmp_path)
+    assert list(again.content()) == ["kept"]  # neither the expired entry nor the value before it
+    assert again.cache.with_expiry == 1 and again.engine.revision == 9
     await again.close()
 
 

@@ -8,9 +8,11 @@ from dache.engines import DELETE, SET, Change
 from dache.engines.disklog import (
     FRAME,
     HEADER,
+    Entries,
     LogWriter,
     create_log,
     decode_changes,
+    encode_block,
     encode_change,
     encode_entry,
     encode_header,
@@ -239,9 +241,78 @@ def test_an_entry_change_replays_as_the_cache_entry_or_as_a_set(tmp_path):
     with open(path, "ab") as log:
         log.write(frame(encode_entry("k/é".encode(), entry, 9)))
     given = []
-    result = scan(path, given.append, lambda *loaded: given.append(loaded))
-    assert given == [("k/é", entry, 9)] and result.max_revision == 9
+    result = scan(path, given.append, given.append)
+    assert given == [Entries(["k/é"], [entry], 9)] and result.max_revision == 9
     given.clear()
     scan(path, given.append)  # no taker of entries: a set like any other
     assert given == [Change(SET, "k/é", b"[1]", 1700000000, 9)]
     assert isinstance(given[0].expiry, int)
+
+
+def rendered(*specs):
+    """(key, value_json, expiry, revision): the keys, and their entries as held."""
+    from dache.rendering import render_key
+    from dache.store.cache import render_entry
+
+    keys = [spec[0] for spec in specs]
+    return keys, [render_entry(render_key(k), v, e, r) for k, v, e, r in specs]
+
+
+BLOCK = rendered(
+    ("a", b'"alpha"', None, 3),
+    ("k/é ü", b"[1]", 1900000000, 11),  # an integer expiry stays one
+    ("z", b'{"n":null}', 1.9e9 + 0.5, 7),
+)
+
+
+def test_a_block_of_entries_replays_at_once_or_as_sets(tmp_path):
+    keys, entries = BLOCK
+    path = str(tmp_path / "dache.log")
+    create_log(path)
+    with open(path, "ab") as log:
+        log.write(frame(encode_block([k.encode() for k in keys], entries, 11)))
+        log.write(encode_record(changes((DELETE, "a", 12))))
+    given = []
+    result = scan(path, given.append, given.append)
+    assert given == [Entries(keys, entries, 11), Change(DELETE, "a", None, None, 12)]
+    assert (result.problem, result.changes, result.max_revision) == (None, 4, 12)
+    given.clear()
+    scan(path, given.append)  # no taker of entries: each a set, its revision from its ETag
+    assert given[:3] == [
+        Change(SET, "a", b'"alpha"', None, 3),
+        Change(SET, "k/é ü", b"[1]", 1900000000, 11),
+        Change(SET, "z", b'{"n":null}', 1.9e9 + 0.5, 7),
+    ]
+    assert isinstance(given[1].expiry, int)
+
+
+def test_adjacent_entry_changes_replay_together_and_an_empty_block_as_nothing():
+    keys, entries = BLOCK
+    body = b"".join(encode_entry(k.encode(), e, 5) for k, e in zip(keys, entries, strict=True))
+    body += encode_change(Change(DELETE, "d", None, None, 6)) + encode_block([], [], 0)
+    assert decode_changes(body, entries=True) == [
+        Entries(keys, entries, 5),
+        Change(DELETE, "d", None, None, 6),
+        Entries([], [], 0),
+    ]
+
+
+@pytest.mark.parametrize(
+    "body, reason",
+    [
+        (encode_block([b"k"], [b"entry"], 1)[:-1], "runs past the end"),
+        (encode_block([b"k"], [b"entry"], 1)[:20], "undecodable"),
+        (encode_block([b"\xff"], [b"entry"], 1), "undecodable"),  # a key that is not UTF-8
+        (encode_block([b"k"], [b"entry"], 1), "undecodable"),  # not an entry
+        (encode_block([b"a"], BLOCK[1][:1], 1) + b"?", "unknown change tag"),
+    ],
+    ids=["cut entry", "cut lengths", "bad key", "not an entry", "garbage after"],
+)
+def test_a_damaged_block_in_a_checksummed_record_is_corruption(tmp_path, body, reason):
+    path = write_log(tmp_path / "log", BATCHES[:1])
+    with open(path, "ab") as log:
+        log.write(frame(body))  # the checksum is right: the damage was written so
+        log.write(encode_record(BATCHES[1]))
+    result, seen = replayed(path)
+    assert not result.problem.torn and reason in result.problem.reason
+    assert seen == BATCHES[0]

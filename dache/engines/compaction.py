@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from dache.engines.disklog import (
     copy_range,
-    encode_entry,
+    encode_block,
     encode_header,
     frame,
     remove_if_present,
@@ -38,6 +38,7 @@ class Aborted(Exception):
 def compact(
     path: str,
     log_path: str,
+    keys: Iterable[str],
     entries: Mapping[str, Any],
     now: float,
     base_revision: int,
@@ -47,14 +48,16 @@ def compact(
 ) -> tuple[int, int]:
     """
     Write a compacted log to `path`: a header with `base_revision`, the
-    entries (key -> cache Entry) that are live at `now`, then the old log's records from `start`
+    entries (key -> cache Entry) that are live at `now`, in the order of
+    `keys` (every key of `entries`: sorted, the load's key index is built
+    from sorted keys, in a tenth of the time), then the old log's records from `start`
     to (nearly) its current end. Returns (entries kept, offset in the old log
     copied up to). Raises OSError or Aborted; the caller removes `path`.
     """
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         write_all(fd, encode_header(base_revision))
-        kept = _write_entries(fd, entries, now, abort)
+        kept = _write_entries(fd, keys, entries, now, abort)
         # The bulk is synced here, off the writer thread, so the sync at the
         # switch only has the remainder to flush.
         sync_file(fd)
@@ -67,25 +70,32 @@ def compact(
     return kept, copied_to
 
 
-def _write_entries(fd: int, entries: Mapping[str, Any], now: float, abort: threading.Event) -> int:
+def _write_entries(
+    fd: int, keys: Iterable[str], entries: Mapping[str, Any], now: float, abort: threading.Event
+) -> int:
+    """The live entries as "B" changes, a record of about RECORD_BYTES each."""
     kept = 0
-    parts: list[bytes] = []
-    size = 0
-    for key, entry in entries.items():
+    names: list[bytes] = []
+    held: list[bytes] = []
+    size = top = 0
+    for key in keys:
+        entry = entries[key]
         if entry[1] and EXPIRY_AT(entry, EXPIRY_OFFSET)[0] <= now:
             continue  # expired entries are dropped here, as at replay
         # As the cache holds it: replay puts it back without rendering it again.
-        part = encode_entry(key.encode("utf-8"), entry, revision_of(entry))
-        parts.append(part)
-        size += len(part)
+        name = key.encode("utf-8")
+        names.append(name)
+        held.append(entry)
+        top = max(top, revision_of(entry))
+        size += len(name) + len(entry) + 8
         kept += 1
         if size >= RECORD_BYTES:
-            write_all(fd, frame(b"".join(parts)))
-            parts, size = [], 0
+            write_all(fd, frame(encode_block(names, held, top)))
+            names, held, size, top = [], [], 0, 0
             if abort.is_set():
                 raise Aborted()
-    if parts:
-        write_all(fd, frame(b"".join(parts)))
+    if names:
+        write_all(fd, frame(encode_block(names, held, top)))
     return kept
 
 

@@ -9,14 +9,15 @@ Files in DISK_PATH
     dache.log.compact        a compaction in progress (removed at start-up if left over)
     dache.log.corrupt-<UTC>  a backup kept by `twistd dache --repair`
 
-The log format (version 2)
+The log format (version 3)
 --------------------------
 All integers are big-endian; CRC32C is the Castagnoli CRC (as iSCSI, ext4
 and LevelDB use), computed by the google-crc32c package.
 
     log     := header record*
     header  := "DACHELOG"            8 bytes, magic
-               version      u16      2 (version 1 is read too: the same without "R")
+               version      u16      3 (versions 1 and 2 are read too: 2 has no "B",
+                                     1 neither "B" nor "R")
                flags        u16      0
                base_rev     u64      highest revision already assigned when the
                                      file was made (a compaction drops deletes,
@@ -31,14 +32,19 @@ and LevelDB use), computed by the google-crc32c package.
              | "I" rev u64 expiry i64 key_len u32 value_len u32 key value  set, int expiry
              | "D" rev u64 key_len u32 key                              delete
              | "R" rev u64 key_len u32 entry_len u32 key entry          set, as held
+             | "B" top_rev u64 n u32 key_len u32 * n entry_len u32 * n key * n entry * n
+                                                                 n sets, as held
 
 `key` is UTF-8, `value` the value's JSON text exactly as the API rendered it,
 `expiry` unix seconds ("I" keeps an integer expiry an integer, so a GET after
-a restart renders it as before). "R" is written by compaction only: `entry`
-is the cache's entry exactly as it holds it (dache/entry.py: a header with the
-ETag, the value's offset and the expiry, then the rendered GET body), so the
-replay puts it back with one dict store, rendering nothing (1,000,000 entries:
-about 40 % less CPU than replaying "S" changes); anything else reading the log
+a restart renders it as before). "B" is written by compaction only (version 2's
+compaction wrote one "R" per entry): `entry` is the cache's entry exactly as it
+holds it (dache/entry.py: a header with the ETag, the value's offset and the
+expiry, then the rendered GET body), so the replay puts a block back with one
+dict update, rendering nothing and with no Python loop per entry (1,000,000
+entries: about 1.1 s, against 1.6 s as "R" changes and 2 s as "S" changes);
+the entries are in key order, so the key index is built from sorted keys. `top_rev` is the highest
+revision among them (each entry's own is its ETag); anything else reading the log
 gets it back as a set. A batch is one record, so it is replayed
 whole or not at all. The length has a checksum of its own so that damage to
 it is told apart from a write cut short.
@@ -93,6 +99,7 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from operator import itemgetter
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
@@ -105,6 +112,7 @@ from twisted.python.threadpool import ThreadPool
 from dache.engines import SET, Change, EngineHealth, EngineUnavailable, compaction
 from dache.engines.disklog import (
     HEADER,
+    Entries,
     LogFormatError,
     LogWriter,
     Problem,
@@ -133,6 +141,7 @@ TORN_MEANING = (
     "DISK_FSYNC=always it was never acknowledged, with everysec or no it may "
     "have been"
 )
+_HAS_EXPIRY = itemgetter(1)  # an entry's byte 1: 1 if it has an expiry
 
 
 class DiskEngine:
@@ -156,10 +165,10 @@ class DiskEngine:
         self.compact_ratio = compact_ratio
         self.compact_min_bytes = compact_min_bytes
         self.revision = 0  # highest revision in the log; the committer goes on from it
-        # Set by a loader that takes "R" changes (entries as the cache holds them,
-        # written by compaction) as they are: (key, entry, revision); else
-        # load() hands them over as SET Changes.
-        self.load_entry: Callable[[str, bytes, int], None] | None = None
+        # Set by a loader that takes "B" and "R" changes (entries as the cache
+        # holds them, written by compaction) as they are: (keys, entries, highest
+        # revision), a record's at once; else load() hands them over as SET Changes.
+        self.load_entries: Callable[[list[str], list[bytes], int], None] | None = None
         self.log_bytes = 0  # the log's size past the last batch acknowledged
         self.compactions = 0
         self.write_error: str | None = None
@@ -225,13 +234,24 @@ class DiskEngine:
                 change = Change.delete(change.key)  # expired: never served again
             apply(change)
 
-        load_entry = self.load_entry
+        load_entries = self.load_entries
 
-        def replay_entry(key: str, entry: bytes, revision: int) -> None:
-            if entry[1] and EXPIRY_AT(entry, EXPIRY_OFFSET)[0] <= now:
-                apply(Change.delete(key))
-            else:
-                load_entry(key, entry, revision)  # type: ignore[misc]
+        def replay_entries(loaded: Entries) -> None:
+            keys, entries = loaded.keys, loaded.entries
+            flags = bytes(map(_HAS_EXPIRY, entries))
+            if 1 in flags:  # expired ones are deletes: never served again
+                expired = [
+                    i
+                    for i, has_expiry in enumerate(flags)
+                    if has_expiry and EXPIRY_AT(entries[i], EXPIRY_OFFSET)[0] <= now
+                ]
+                if expired:
+                    for i in expired:
+                        apply(Change.delete(keys[i]))
+                    gone = set(expired)
+                    keys = [key for i, key in enumerate(keys) if i not in gone]
+                    entries = [entry for i, entry in enumerate(entries) if i not in gone]
+            load_entries(keys, entries, loaded.top)  # type: ignore[misc]
 
         began = time.monotonic()
         # Replay makes millions of objects that all live on: collecting
@@ -239,7 +259,7 @@ class DiskEngine:
         collecting = gc.isenabled()
         gc.disable()
         try:
-            result = scan(self.path, replay, None if load_entry is None else replay_entry)
+            result = scan(self.path, replay, None if load_entries is None else replay_entries)
         finally:
             if collecting:
                 gc.enable()
@@ -390,6 +410,7 @@ class DiskEngine:
         # Taken on the reactor between two batches: the cache holds exactly
         # the log up to log_bytes, and later batches are in the log after it.
         entries = self._cache.entries()
+        keys = self._cache.ordered_keys()  # taken with entries: the same keys
         start, before = self.log_bytes, self.log_bytes
         writer = self._writer
         self.log.info(
@@ -406,6 +427,7 @@ class DiskEngine:
             compaction.compact,
             compacted,
             self.path,
+            keys,
             entries,
             self.reactor.seconds(),
             self.revision,
@@ -413,7 +435,7 @@ class DiskEngine:
             lambda: writer.good_end,
             self._abort,
         )
-        del entries
+        del entries, keys
         d.addCallback(self._switch, compacted)
         d.addCallbacks(
             self._compacted,

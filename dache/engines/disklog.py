@@ -12,15 +12,16 @@ import os
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from itertools import accumulate
 
 import google_crc32c
 
 from dache.engines import DELETE, SET, Change
-from dache.entry import expiry_json_of, value_json_of
+from dache.entry import expiry_json_of, revision_of, value_json_of
 
 MAGIC = b"DACHELOG"
-VERSION = 2  # what this dache writes: 1 plus "R" changes
-READABLE = (1, 2)
+VERSION = 3  # what this dache writes: 2 plus "B" changes
+READABLE = (1, 2, 3)
 # magic, version, flags, base revision, CRC32C of the preceding 20 bytes
 HEADER = struct.Struct(">8sHHQI")
 # body length, CRC32C of the 4 length bytes, CRC32C of the body
@@ -32,12 +33,16 @@ SET_FLOAT_EXPIRY = ord("E")  # revision u64, expiry f64, key length u32, value l
 SET_INT_EXPIRY = ord("I")  # revision u64, expiry i64, key length u32, value length u32, ...
 DELETE_KEY = ord("D")  # revision u64, key length u32, key
 ENTRY = ord("R")  # revision u64, key length u32, entry length u32, key, the cache's entry
+# highest revision u64, count u32, count key lengths u32, count entry lengths u32,
+# the keys, the entries (as "R", many at once: decoded without a loop per entry)
+BLOCK = ord("B")
 
 _SET_PLAIN = struct.Struct(">BQII")
 _SET_FLOAT = struct.Struct(">BQdII")
 _SET_INT = struct.Struct(">BQqII")
 _DELETE = struct.Struct(">BQI")
 _ENTRY = struct.Struct(">BQII")
+_BLOCK = struct.Struct(">BQI")
 
 crc32c = google_crc32c.value
 
@@ -77,6 +82,13 @@ def encode_entry(key: bytes, entry: bytes, revision: int) -> bytes:
     return _ENTRY.pack(ENTRY, revision, len(key), len(entry)) + key + entry
 
 
+def encode_block(keys: list[bytes], entries: list[bytes], top: int) -> bytes:
+    """Entries as the cache holds them, many in one change; `top`: their highest revision."""
+    count = len(keys)
+    lengths = struct.pack(f">{2 * count}I", *map(len, keys), *map(len, entries))
+    return b"".join([_BLOCK.pack(BLOCK, top, count), lengths, *keys, *entries])
+
+
 def frame(body: bytes) -> bytes:
     """One record: the frame header, then the body (encoded changes)."""
     if len(body) > MAX_BODY:
@@ -108,19 +120,49 @@ def decode_header(data: bytes) -> int:
     return base_revision
 
 
-Loaded = tuple[str, bytes, int]  # an "R" change as replay hands it on: key, entry, revision
+class Entries:
+    """
+    Entries as the cache holds them ("B" and "R" changes), as replay hands them
+    on: keys[i]'s entry is entries[i]; `top` is the highest revision among them.
+    """
+
+    __slots__ = ("keys", "entries", "top")
+
+    def __init__(self, keys: list[str], entries: list[bytes], top: int):
+        self.keys = keys
+        self.entries = entries
+        self.top = top
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Entries):
+            return NotImplemented
+        return (self.keys, self.entries, self.top) == (other.keys, other.entries, other.top)
+
+    def __repr__(self) -> str:
+        return f"Entries({self.keys!r}, {self.entries!r}, {self.top!r})"
 
 
-def decode_changes(body: bytes, entries: bool = False) -> list[Change | Loaded]:
+def decode_changes(body: bytes, entries: bool = False) -> list[Change | Entries]:
     """
-    The changes in one record's body (already checksummed). An "R" change is
-    a (key, entry, revision) tuple when `entries` is true, else a SET Change.
+    The changes in one record's body (already checksummed). "B" and "R"
+    changes are Entries when `entries` is true (adjacent "R" ones together),
+    else one SET Change each.
     """
-    changes: list[Change | Loaded] = []
+    changes: list[Change | Entries] = []
     position, end = 0, len(body)
     try:
         while position < end:
             tag = body[position]
+            if tag == BLOCK:
+                block, position = _decode_block(body, position)
+                if entries:
+                    changes.append(block)
+                else:
+                    changes.extend(map(_entry_change, block.keys, block.entries))
+                continue
             if tag == ENTRY:
                 _, revision, key_length, entry_length = _ENTRY.unpack_from(body, position)
                 position += _ENTRY.size
@@ -128,10 +170,16 @@ def decode_changes(body: bytes, entries: bool = False) -> list[Change | Loaded]:
                 position += key_length
                 entry = body[position : position + entry_length]
                 position += entry_length  # past the end: refused below
-                if entries:
-                    changes.append((key, entry, revision))
-                else:
+                if not entries:
                     changes.append(_entry_change(key, entry, revision))
+                    continue
+                last = changes[-1] if changes else None
+                if last.__class__ is Entries:
+                    last.keys.append(key)  # type: ignore[union-attr]
+                    last.entries.append(entry)  # type: ignore[union-attr]
+                    last.top = max(last.top, revision)  # type: ignore[union-attr]
+                else:
+                    changes.append(Entries([key], [entry], revision))
                 continue
             if tag == DELETE_KEY:
                 _, revision, key_length = _DELETE.unpack_from(body, position)
@@ -159,16 +207,40 @@ def decode_changes(body: bytes, entries: bool = False) -> list[Change | Loaded]:
             value = body[position : position + value_length]
             position += value_length
             changes.append(Change(SET, key.decode("utf-8"), value, expiry, revision))
-    except (struct.error, UnicodeDecodeError) as e:
+    except (struct.error, ValueError, IndexError) as e:  # UnicodeDecodeError is a ValueError
         raise LogFormatError(f"undecodable change ({e})") from None
     if position != end:
         raise LogFormatError("a change runs past the end of its record")
     return changes
 
 
-def _entry_change(key: str, entry: bytes, revision: int) -> Change:
+def _decode_block(body: bytes, position: int) -> tuple[Entries, int]:
+    """The "B" change at `position`, and where the next change starts."""
+    _, top, count = _BLOCK.unpack_from(body, position)
+    position += _BLOCK.size
+    lengths = struct.unpack_from(f">{2 * count}I", body, position)
+    position += 8 * count
+    key_ends = list(accumulate(lengths[:count], initial=0))
+    keys_end = position + key_ends[-1]
+    entry_ends = list(accumulate(lengths[count:], initial=keys_end))
+    if entry_ends[-1] > len(body):
+        raise LogFormatError("a change runs past the end of its record")
+    key_bytes = body[position:keys_end]
+    if key_bytes.isascii():  # one decode, then slices: a character is a byte
+        text = key_bytes.decode("ascii")
+        keys = list(map(text.__getitem__, map(slice, key_ends, key_ends[1:])))
+    else:
+        bounds = zip(key_ends, key_ends[1:], strict=False)
+        keys = [key_bytes[a:b].decode("utf-8") for a, b in bounds]
+    entries = list(map(body.__getitem__, map(slice, entry_ends, entry_ends[1:])))
+    return Entries(keys, entries, top), entry_ends[-1]
+
+
+def _entry_change(key: str, entry: bytes, revision: int | None = None) -> Change:
     expiry_json = expiry_json_of(entry)  # an integer expiry stays one, as "I" keeps it
     expiry = None if expiry_json is None else json.loads(expiry_json)
+    if revision is None:
+        revision = revision_of(entry)
     return Change(SET, key, value_json_of(entry), expiry, revision)
 
 
@@ -229,7 +301,7 @@ def _zero_filled(reason: str, zeros_from: int, size: int) -> str:
 def scan(
     path: str,
     on_change: Callable[[Change], None] | None = None,
-    on_entry: Callable[[str, bytes, int], None] | None = None,
+    on_entries: Callable[[Entries], None] | None = None,
 ) -> ScanResult:
     """
     Read the log at `path` from the start, calling on_change for each change of
@@ -243,8 +315,9 @@ def scan(
     record is corruption: garbage with data after it, or a frame header whose
     length checksum fails on bytes that are not a zeroed tail.
 
-    With on_entry, "R" changes go to it as (key, entry, revision), the entry
-    as the cache holds it; without, to on_change as SET Changes.
+    With on_entries, "B" and "R" changes go to it as Entries (the entries as
+    the cache holds them, a record's at once); without, to on_change as SET
+    Changes.
     """
     with open(path, "rb", buffering=READ_CHUNK) as file:
         size = os.fstat(file.fileno()).st_size
@@ -258,7 +331,7 @@ def scan(
         result = ScanResult(size, HEADER.size, base_revision, base_revision, 0, 0, None)
         offset = HEADER.size
         while offset < size:
-            result.problem = _read_record(file, offset, size, result, on_change, on_entry)
+            result.problem = _read_record(file, offset, size, result, on_change, on_entries)
             if result.problem is not None:
                 break
             offset = result.good_end
@@ -271,7 +344,7 @@ def _read_record(
     size: int,
     result: ScanResult,
     on_change: Callable[[Change], None] | None,
-    on_entry: Callable[[str, bytes, int], None] | None = None,
+    on_entries: Callable[[Entries], None] | None = None,
 ) -> Problem | None:
     """Read the record at `offset`; on success advance `result`, else say what is wrong."""
     head = file.read(FRAME.size)
@@ -301,24 +374,27 @@ def _read_record(
             reason = _zero_filled(reason, _data_end(file, offset, size), size)
         return Problem(offset, torn, reason)
     try:
-        changes = decode_changes(body, on_entry is not None)
+        changes = decode_changes(body, on_entries is not None)
     except LogFormatError as e:
         return Problem(offset, False, str(e))
     top = 0
+    count = 0
     for change in changes:
-        if change.__class__ is tuple:
-            on_entry(*change)  # type: ignore[misc]
-            revision = change[2]  # type: ignore[index]
+        if change.__class__ is Entries:
+            on_entries(change)  # type: ignore[misc, arg-type]
+            revision = change.top  # type: ignore[union-attr]
+            count += len(change)  # type: ignore[arg-type]
         else:
             if on_change is not None:
                 on_change(change)  # type: ignore[arg-type]
             revision = change.revision  # type: ignore[union-attr]
+            count += 1
         if revision > top:
             top = revision
     if changes:
         result.max_revision = max(result.max_revision, top)
     result.records += 1
-    result.changes += len(changes)
+    result.changes += count
     result.good_end = end
     return None
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Callable, Iterator
+from operator import itemgetter
 
 from dache.entry import (  # re-exported: the store's users read entries through here
     EXPIRY_AT,
@@ -58,6 +59,10 @@ EXPIRY_OVERHEAD = 112
 MAPPED_BODY = 32 * 1024
 PAGE = 4096
 _MAPPED_HEADERS = 64  # the bytes object's and the entry's headers, malloc's own
+
+
+_BODY_AT = itemgetter(0)  # an entry's byte 0: where its body starts
+_HAS_EXPIRY = itemgetter(1)  # byte 1: 1 if it has an expiry
 
 
 def held(body_length: int) -> int:
@@ -191,6 +196,42 @@ class Cache:
             heapq.heappush(self._expiries, (EXPIRY_AT(entry, EXPIRY_OFFSET)[0], key))
         return entry
 
+    def put_many(self, keys: list[str], entries: list[Entry], top: int) -> None:
+        """
+        put() of each keys[i] to entries[i] (top: their highest revision), at
+        C speed when the keys are new and distinct, as a compacted log's are
+        (a million at start-up: the loop of put() was half the load).
+        """
+        held_now = self._entries
+        if (
+            self._index is not None
+            or len(set(keys)) != len(keys)
+            or any(map(held_now.__contains__, keys))
+        ):
+            for key, entry in zip(keys, entries, strict=True):
+                self.put(key, entry, top)
+            return
+        if max(map(len, entries), default=0) < MAPPED_BODY:
+            bodies = sum(map(len, entries)) - sum(map(_BODY_AT, entries))
+        else:
+            bodies = sum(held(len(entry) - entry[0]) for entry in entries)
+        held_now.update(zip(keys, entries, strict=True))
+        self.bytes += bodies + sum(map(len, keys))
+        if self.uses is not None:
+            self.uses.update(dict.fromkeys(keys, self.new_use))
+        if self.sample_keys is not None:
+            self.sample_keys.extend(keys)
+        if top > self.revision:
+            self.revision = top
+        flags = bytes(map(_HAS_EXPIRY, entries))
+        expiring = flags.count(1)
+        if expiring:
+            self.with_expiry += expiring
+            heap, at = self._expiries, -1
+            for _ in range(expiring):
+                at = flags.index(1, at + 1)
+                heapq.heappush(heap, (EXPIRY_AT(entries[at], EXPIRY_OFFSET)[0], keys[at]))
+
     def delete(self, key: str) -> bool:
         old = self._entries.pop(key, None)
         if old is None:
@@ -296,6 +337,10 @@ class Cache:
         is a consistent snapshot that another thread may read.
         """
         return self._entries.copy()
+
+    def ordered_keys(self) -> list[str]:
+        """Every key, in code-point order once the key index is kept (else as held)."""
+        return list(self._index if self._index is not None else self._entries)
 
     def snapshot(self, now: float) -> list[tuple[str, Entry]]:
         """A list of the live (key, entry) pairs at `now`; safe to iterate later."""

@@ -35,6 +35,9 @@ class KeyIndex:
     def __len__(self) -> int:
         return len(self._keys)
 
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
     def add(self, key: str) -> None:
         self._keys.add(key)
 
