@@ -665,7 +665,7 @@ def _memory_markdown(startups: list[Startup], redis: RedisStartup) -> list[str]:
         "writes; then restarted on it. Bytes per entry: (RSS full − RSS of the same server "
         "empty) / N. Load: each one's own figure (dache's \"loaded N entries in\", Redis's "
         '"DB loaded from append only file"). Each again after its compaction: dache after '
-        'the disk engine compacted its log (bench.fill --compact: "R" records of the entries '
+        'the disk engine compacted its log (bench.fill --compact: "B" blocks of the entries '
         "as held), Redis after `BGREWRITEAOF` (an RDB preamble).\n"
     )
     disk = next((s for s in startups if s.engine == "disk" and not s.error), None)
