@@ -79,7 +79,7 @@ class Fanout:
         sent = 0
         for stream in list(self.streams):
             if stream.plain:  # the shared chunk, as is: one write, no per-event work
-                stream.channel.write(framed)
+                stream.channel.write_through(framed)
                 plain += 1
             else:
                 sent += stream.take(events, data)
