@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from dache.web.watch import Stream
 
 PACE = 4.0  # a busy node: after a flush that took T, the next waits PACE x T (at most PACE_MAX)
-PACE_IDLE = 0.5  # a node with nothing else to do: the next waits PACE_IDLE x T
+PACE_IDLE = 0.25  # a node with nothing else to do: the next waits PACE_IDLE x T (latency)
 PACE_FROM = 0.0002  # seconds of CPU a flush takes before it delays the next (~30 watchers)
 PACE_MAX = 0.025  # seconds: the longest an event waits for pacing
 
