@@ -17,6 +17,8 @@ node are one process of raw sockets (a selector loop that reads each socket a
 few dozen times a second, so the clients stay cheap), however many they are. The file limit
 they need is raised here, for this process and the nodes it starts.
 
+    python -m bench.watch --only-throughput --watchers 1000 [--repeats 3]
+        (no latency part, and the table printed, not written: for profiling)
     python -m bench.watch --drain COUNT PREFIX PORT   (the watchers' process)
 """
 
@@ -224,9 +226,59 @@ def throughput(node: Any, count: int, prefix: str, seconds: int, script: str) ->
     return {"rate": requests / elapsed, "requests": requests, "cpu": cpu, "sent": sent}
 
 
+def measure_latency(counts: tuple[int, ...], writes: int) -> list[tuple[int, list, list]]:
+    rows = []
+    server = PostgresServer.initdb(fsync=True)
+    try:
+        database = server.create_database()
+        a, b = (start_node({**database.env, **LIMITS}) for _ in range(2))
+        for watchers in counts:
+            same, across = latency(a, b, watchers, writes, len(rows))
+            rows.append((watchers, same, across))
+            print(f"  latency, {watchers} watchers: done", file=sys.stderr)
+        a.terminate()
+        b.terminate()
+    finally:
+        server.destroy()
+    return rows
+
+
+def measure_throughput(loads: list, repeats: int, seconds: int) -> dict:
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        script.write(WRK_SCRIPT)
+    runs: dict[tuple[int, str], list[dict]] = {(0, WRITTEN): [], **{load: [] for load in loads}}
+    node = start_node({"DURABILITY_ENGINE": "memory", **LIMITS})
+    try:
+        for _ in range(repeats):  # alternating: each repeat runs every load once
+            for count, prefix in runs:
+                runs[count, prefix].append(throughput(node, count, prefix, seconds, script.name))
+                print(f"  throughput, {count} of {prefix!r}: done", file=sys.stderr)
+    finally:
+        node.terminate()
+        os.unlink(script.name)
+    return runs
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run of about a minute")
+    parser.add_argument(
+        "--only-throughput",
+        action="store_true",
+        help="only the write throughput, printed and not written to RESULTS-watch.md",
+    )
+    parser.add_argument(
+        "--only-latency",
+        action="store_true",
+        help="only the delivery latency, printed and not written to RESULTS-watch.md",
+    )
+    parser.add_argument(
+        "--watchers",
+        type=int,
+        action="append",
+        help="with --only-*: watchers per node of the written prefix (repeatable)",
+    )
+    parser.add_argument("--repeats", type=int, help="with --only-throughput (default 3)")
     parser.add_argument("--drain", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.drain:
@@ -241,43 +293,24 @@ def main(argv: list[str] | None = None) -> int:
     else:
         writes, seconds, repeats, counts = 1000, 5, 3, (1, 100, 1000, 10_000)
         loads = [(100, WRITTEN), (1000, WRITTEN), (10_000, WRITTEN), (10_000, OTHER)]
+    if args.only_throughput:
+        counts, repeats = (), args.repeats or 3
+        loads = [(count, WRITTEN) for count in args.watchers or (1000,)]
+    if args.only_latency:
+        counts, loads = tuple(args.watchers or (1000,)), []
     # Every process holds at most one node's watchers (a node, a drain process).
     raise_file_limit(max(counts + tuple(c for c, _ in loads)) + 1000)
     os.sched_setaffinity(0, {CLIENT_CPU % (os.cpu_count() or 1)})  # the nodes move to core 0
     load_average = os.getloadavg()
     began = time.monotonic()
 
-    rows = []
-    server = PostgresServer.initdb(fsync=True)
-    try:
-        database = server.create_database()
-        a, b = (start_node({**database.env, **LIMITS}) for _ in range(2))
-        for watchers in counts:
-            same, across = latency(a, b, watchers, writes, len(rows))
-            rows.append((watchers, same, across))
-            print(f"  latency, {watchers} watchers: done", file=sys.stderr)
-        a.terminate()
-        b.terminate()
-    finally:
-        server.destroy()
+    rows = [] if args.only_throughput else measure_latency(counts, writes)
 
-    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
-        script.write(WRK_SCRIPT)
-    runs: dict[tuple[int, str], list[dict]] = {(0, WRITTEN): [], **{load: [] for load in loads}}
-    node = start_node({"DURABILITY_ENGINE": "memory", **LIMITS})
-    try:
-        for _ in range(repeats):  # alternating: each repeat runs every load once
-            for count, prefix in runs:
-                runs[count, prefix].append(throughput(node, count, prefix, seconds, script.name))
-                print(f"  throughput, {count} of {prefix!r}: done", file=sys.stderr)
-    finally:
-        node.terminate()
-        os.unlink(script.name)
+    runs = {} if args.only_latency else measure_throughput(loads, repeats, seconds)
 
-    median = statistics.median
-    none = runs[0, WRITTEN]
-    base_rate = median(r["rate"] for r in none)
-    cpu_per_request = median(r["cpu"] / r["requests"] for r in none)
+    latency_head = (
+        f"### Event delivery latency, ms: a write's 204 on A -> its event ({writes} writes)"
+    )
     lines = [
         "# Watch benchmark",
         "",
@@ -286,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{' '.join(f'{v:.2f}' for v in load_average)}). Nodes on core {NODE_CPU}; wrk, the "
         f"writer and the watchers (one process per node) on core {CLIENT_CPU}.",
         "",
-        f"### Event delivery latency, ms: a write's 204 on A -> its event ({writes} writes)",
+        latency_head,
         "",
         "Two nodes on one PostgreSQL table (fsync on); per node one measured watcher and N-1 "
         "drained ones, all of the written prefix. Same node below zero: the event arrived "
@@ -304,9 +337,19 @@ def main(argv: list[str] | None = None) -> int:
                 f"| {watchers:,} | {name} | {percentile(values, 50):.2f} "
                 f"| {percentile(values, 99):.2f} | {max(values):.2f} | {len(values)}/{writes} |"
             )
+    if args.only_latency:
+        print("\n".join(lines[lines.index(latency_head) :]))
+        return 0
+    median = statistics.median
+    none = runs[0, WRITTEN]
+    base_rate = median(r["rate"] for r in none)
+    cpu_per_request = median(r["cpu"] / r["requests"] for r in none)
+    throughput_head = (
+        f"### Write throughput: memory engine, wrk -c16 SET, {seconds} s, median of {repeats}"
+    )
     lines += [
         "",
-        f"### Write throughput: memory engine, wrk -c16 SET, {seconds} s, median of {repeats}",
+        throughput_head,
         "",
         "Ratio by CPU: the node's CPU per SET with no watchers / with these (what the SET/s "
         "ratio is when the node's core is the limit, and steadier on a shared machine). CPU "
@@ -333,6 +376,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     lines.append("")
     text = "\n".join(lines)
+    if args.only_throughput:
+        print("\n".join(lines[lines.index(throughput_head) :]))
+        return 0
     with open(os.path.join(HERE, "RESULTS-watch.md"), "w", encoding="utf-8") as f:
         f.write(text)
     print(text)

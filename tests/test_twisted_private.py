@@ -156,3 +156,35 @@ def test_forget_exit_signal_clears_what_twistd_would_re_raise():
         other.waker.connectionLost(None)
     # and twistd's runner still takes the signal to re-raise from there
     assert "reactor._exitSignal" in inspect.getsource(app.ApplicationRunner)
+
+
+def test_write_some_data_is_a_send_on_the_connections_socket():
+    # send_now calls transport.socket.send() in place of writeSomeData().
+    source = inspect.getsource(twisted_private.Connection.writeSomeData)
+    assert "self.socket.send" in source
+    assert "EWOULDBLOCK" in source and "ENOBUFS" in source  # nothing sent, not lost
+
+
+@pytest_twisted.inlineCallbacks
+def test_send_now_returns_what_a_full_socket_did_not_take():
+    factory = Factory.forProtocol(_Keep)
+    factory.connected = Deferred()
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    client = socket.create_connection(("127.0.0.1", port.getHost().port))
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    try:
+        server = yield factory.connected
+        server.transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        data = b"x" * (4 << 20)
+        left = twisted_private.send_now(server.transport, data)  # the client reads nothing
+        assert 0 < len(left) < len(data)  # part taken, the rest handed back
+        chunk = b"y" * 65536
+        for _ in range(1000):  # until the socket takes nothing (EWOULDBLOCK)
+            if twisted_private.send_now(server.transport, chunk) == chunk:
+                break
+        else:
+            raise AssertionError("the socket never filled up")
+    finally:
+        client.close()
+        server.transport.abortConnection()
+        yield port.stopListening()

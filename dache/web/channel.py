@@ -172,6 +172,18 @@ class DacheChannel(twisted_private.ProtocolRefusals, HTTPChannel):
         if self._head is not None:
             self.write(b"")
 
+    def write_through(self, data: bytes) -> None:
+        """
+        Send `data` to the socket now, past the Outbox (the fan-out: it writes
+        to many connections back to back already, and its pacing must see what
+        the sends cost), unless headers or answers of this connection are
+        still waiting: those go first, so this goes after them.
+        """
+        if self._head is not None or self._held is not None:
+            self.write(data)
+        else:
+            self._send_now(data)
+
     def _send(self, data: bytes) -> None:
         outbox = self._outbox
         if outbox is None:  # not a plain TCP socket: through the transport, in order

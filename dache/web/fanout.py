@@ -12,14 +12,20 @@ this runs (the flush is a later turn of the reactor), and however many
 events a committer batch or a turn holds, a watcher costs one socket write.
 
 Pacing. A flush to a thousand sockets takes milliseconds of the one reactor
-thread (about 1 us of Python and 1 us of kernel per socket); flushed every
-turn under a steady stream of writes, it would leave the writers little
-else. So after a flush that took T of CPU time, the next one waits PACE x T
-(at most PACE_MAX): under load each flush carries more events for the same
-one write per watcher, and what is left is the kernel's cost per byte. An
-event waits at most PACE_MAX plus a flush. T is the thread's CPU time, not
-the clock's, so a node preempted by its neighbours does not wait longer for
-it; a flush under PACE_FROM (a few watchers) never delays the next.
+thread (about 1 us of Python and 4 us of kernel per socket, whatever the
+chunk, plus ~0.2 ns a byte); flushed every turn under a steady stream of
+writes, it would leave the writers little else. So after a flush that took T
+of CPU time, the next one waits PACE x T if the node was busy with other
+work (its writers) all the time since the last flush, PACE_IDLE x T if it was
+idle, in proportion between, and never more than PACE_MAX: under load each
+flush carries more events for the same one write per watcher, and what is
+left is the kernel's cost per byte; with nothing else to do, events go out
+sooner. An event waits at most PACE_MAX plus a flush. T and the busy share
+are the thread's CPU time (which includes the loopback's softirq work done
+in the send), not the clock's, so a node preempted by its neighbours does not
+wait longer for it; a flush under PACE_FROM (a few watchers) never delays the
+next. The sends happen in the flush itself (DacheChannel.write_through, not
+through the Outbox at the end of the turn), so T is what they cost.
 
 A stream that cannot take the shared chunk as it is (its client is not
 reading, an engine replay is under way, it joined mid-turn or answers a
@@ -39,8 +45,9 @@ from dache.store.changes import ChangeFeed, Event
 if TYPE_CHECKING:
     from dache.web.watch import Stream
 
-PACE = 4.0  # after a flush that took T, the next waits PACE x T (at most PACE_MAX)
-PACE_FROM = 0.001  # seconds of CPU a flush takes before it delays the next
+PACE = 4.0  # a busy node: after a flush that took T, the next waits PACE x T (at most PACE_MAX)
+PACE_IDLE = 0.25  # a node with nothing else to do: the next waits PACE_IDLE x T (latency)
+PACE_FROM = 0.0002  # seconds of CPU a flush takes before it delays the next (~30 watchers)
 PACE_MAX = 0.025  # seconds: the longest an event waits for pacing
 
 
@@ -79,7 +86,7 @@ class Fanout:
         sent = 0
         for stream in list(self.streams):
             if stream.plain:  # the shared chunk, as is: one write, no per-event work
-                stream.channel.write(framed)
+                stream.channel.write_through(framed)
                 plain += 1
             else:
                 sent += stream.take(events, data)
@@ -98,6 +105,7 @@ class Fanouts:
         self._dirty: list[Fanout] = []
         self._flushing: Any = None
         self._next_flush = 0.0  # clock.seconds() before which no flush starts (PACE)
+        self._last_end: tuple[float, float] | None = None  # (clock, CPU time) the last flush ended
         self.cpu_time = thread_time  # what a flush took (tests give their own)
 
     def join(self, stream: Stream) -> Fanout:
@@ -137,9 +145,26 @@ class Fanouts:
         if not dirty:
             return
         self.flushes += 1
-        began = self.cpu_time()
+        now, began = self.clock.seconds(), self.cpu_time()
+        busy = self._busy(now, began)
         for fanout in dirty:
             self.events_sent += fanout.flush()
-        took = self.cpu_time() - began
+        ended = self.cpu_time()
+        self._last_end = (self.clock.seconds(), ended)
+        took = ended - began
         if took >= PACE_FROM:
-            self._next_flush = self.clock.seconds() + min(PACE * took, PACE_MAX)
+            pace = PACE_IDLE + (PACE - PACE_IDLE) * busy
+            self._next_flush = self.clock.seconds() + min(pace * took, PACE_MAX)
+
+    def _busy(self, now: float, cpu: float) -> float:
+        """
+        The share of the time since the last flush ended that the node spent
+        on other work (its writers), 0 to 1; 1 when there is no such time
+        to go by (the first flush, or one in the same instant as the last).
+        """
+        if self._last_end is None:
+            return 1.0
+        then, cpu_then = self._last_end
+        if now <= then:
+            return 1.0
+        return min(max((cpu - cpu_then) / (now - then), 0.0), 1.0)

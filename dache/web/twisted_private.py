@@ -8,10 +8,13 @@ bounds Twisted to the tested range).
 What each shortcut relies on:
 
 - send_now(transport, data): twisted.internet.tcp.Connection keeps unsent
-  output in `dataBuffer[offset:]` plus `_tempDataBuffer`, and
-  `writeSomeData(data)` sends straight to the socket, returning the byte
-  count. Used to send a small answer at once when nothing is buffered
-  (saves two epoll_ctl calls and a reactor turn per answer).
+  output in `dataBuffer[offset:]` plus `_tempDataBuffer`, and its
+  `writeSomeData(data)` is its non-blocking `socket`'s send() (an OSError
+  meaning nothing was sent, or a connection the transport will find lost);
+  send_now calls that send() itself. Used to send a small answer at once when
+  nothing is buffered (saves two epoll_ctl calls and a reactor turn per
+  answer), and by the fan-out for every watcher's chunk (calling send()
+  itself saves 0.3-0.5 us of the ~5.5 us a loopback send takes).
 - plain_tcp(transport): the transports send_now() applies to: that class,
   with `TLS` false; such a transport's `reactor` is the one serving it
   (dache.web.channel.Outbox ends its turn there).
@@ -73,9 +76,11 @@ def send_now(transport: Any, data: bytes) -> bytes:
         and not transport._tempDataBuffer
         and transport.offset == len(transport.dataBuffer)
     ):
-        sent = transport.writeSomeData(data)
-        if type(sent) is int:  # else an error: the transport will find it again
-            return data[sent:]
+        try:
+            sent = transport.socket.send(data)  # writeSomeData, less two calls and a memoryview
+        except OSError:  # EWOULDBLOCK, ENOBUFS or a lost connection: the transport will see
+            return data
+        return data[sent:] if sent else data
     return data
 
 

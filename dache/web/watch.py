@@ -161,7 +161,7 @@ class Watchers:
     def _beat(self) -> None:
         for stream in list(self.streams):
             if stream.plain:
-                stream.channel.write(HEARTBEAT_CHUNK)  # one bytes object for every stream
+                stream.channel.write_through(HEARTBEAT_CHUNK)  # one bytes object for all
             else:
                 stream.send(HEARTBEAT)
         if not self.streams and self._heartbeat is not None:
