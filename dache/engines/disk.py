@@ -99,7 +99,6 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from operator import itemgetter
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
@@ -124,7 +123,7 @@ from dache.engines.disklog import (
     sync_file,
     truncate,
 )
-from dache.entry import EXPIRY_AT, EXPIRY_OFFSET
+from dache.entry import EXPIRY_AT, EXPIRY_OFFSET, HAS_EXPIRY
 from dache.errors import StartupError
 
 FSYNC_MODES = ("always", "everysec", "no")
@@ -141,7 +140,6 @@ TORN_MEANING = (
     "DISK_FSYNC=always it was never acknowledged, with everysec or no it may "
     "have been"
 )
-_HAS_EXPIRY = itemgetter(1)  # an entry's byte 1: 1 if it has an expiry
 
 
 class DiskEngine:
@@ -238,7 +236,7 @@ class DiskEngine:
 
         def replay_entries(loaded: Entries) -> None:
             keys, entries = loaded.keys, loaded.entries
-            flags = bytes(map(_HAS_EXPIRY, entries))
+            flags = bytes(map(HAS_EXPIRY, entries))
             if 1 in flags:  # expired ones are deletes: never served again
                 expired = [
                     i

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Callable, Iterator
-from operator import itemgetter
 
 from dache.entry import (  # re-exported: the store's users read entries through here
+    BODY_AT,
     EXPIRY_AT,
     EXPIRY_OFFSET,
+    HAS_EXPIRY,
     Entry,
     body_length_of,
     body_of,
@@ -59,10 +60,6 @@ EXPIRY_OVERHEAD = 112
 MAPPED_BODY = 32 * 1024
 PAGE = 4096
 _MAPPED_HEADERS = 64  # the bytes object's and the entry's headers, malloc's own
-
-
-_BODY_AT = itemgetter(0)  # an entry's byte 0: where its body starts
-_HAS_EXPIRY = itemgetter(1)  # byte 1: 1 if it has an expiry
 
 
 def held(body_length: int) -> int:
@@ -212,7 +209,7 @@ class Cache:
                 self.put(key, entry, top)
             return
         if max(map(len, entries), default=0) < MAPPED_BODY:
-            bodies = sum(map(len, entries)) - sum(map(_BODY_AT, entries))
+            bodies = sum(map(len, entries)) - sum(map(BODY_AT, entries))
         else:
             bodies = sum(held(len(entry) - entry[0]) for entry in entries)
         held_now.update(zip(keys, entries, strict=True))
@@ -223,7 +220,7 @@ class Cache:
             self.sample_keys.extend(keys)
         if top > self.revision:
             self.revision = top
-        flags = bytes(map(_HAS_EXPIRY, entries))
+        flags = bytes(map(HAS_EXPIRY, entries))
         expiring = flags.count(1)
         if expiring:
             self.with_expiry += expiring
